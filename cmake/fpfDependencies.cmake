@@ -1,0 +1,16 @@
+# Finds fpf's dependencies (all from Debian 12 packages; scripts/install-deps.sh installs them).
+# Used both by fpf's own build and by fpfConfig.cmake for downstream projects.
+include_guard(GLOBAL)
+macro(fpf_find_dependencies)
+  find_package(Boost 1.81 CONFIG REQUIRED COMPONENTS json)
+  find_package(xtensor CONFIG REQUIRED)
+  find_package(PkgConfig REQUIRED)
+  pkg_check_modules(FPF_PCRE2 REQUIRED IMPORTED_TARGET GLOBAL libpcre2-8)
+  pkg_check_modules(FPF_UTF8PROC REQUIRED IMPORTED_TARGET GLOBAL libutf8proc)
+  if(NOT TARGET fpf::pcre2)
+    add_library(fpf::pcre2 INTERFACE IMPORTED GLOBAL)
+    target_link_libraries(fpf::pcre2 INTERFACE PkgConfig::FPF_PCRE2)
+    add_library(fpf::utf8proc INTERFACE IMPORTED GLOBAL)
+    target_link_libraries(fpf::utf8proc INTERFACE PkgConfig::FPF_UTF8PROC)
+  endif()
+endmacro()
