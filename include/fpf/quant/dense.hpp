@@ -1,0 +1,24 @@
+#pragma once
+// quant::Dense: unquantized Linear weights stored as `<module>.weight` [out, in] in F32, BF16 or F16 (the dtype
+// config.json names). On the CPU they are widened to fp32 exactly.
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <fpf/model/weights.hpp>
+
+namespace fpf::quant {
+
+struct Dense {
+  static constexpr std::string_view name = "dense";
+
+  static bool stores(const model::WeightReader& r, const std::string& module) { return r.has(module + ".weight"); }
+
+  // The module's weight as fp32, row-major [out, in].
+  static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,
+                                       std::int64_t in) {
+    return r.f32(module + ".weight", {out, in});
+  }
+};
+
+}  // namespace fpf::quant
