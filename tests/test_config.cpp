@@ -215,7 +215,7 @@ TEST_CASE("config: layer-type rule (decoder_sparse_step, mlp_only_layers)") {
                                             [](boost::json::object& o) {
                                               o["num_hidden_layers"] = 6;
                                               o["decoder_sparse_step"] = 2;
-                                              o["mlp_only_layers"] = {3};
+                                              o["mlp_only_layers"] = boost::json::array{3};
                                             }),
                                      kFile);
   // sparse iff (l+1) % 2 == 0 and l not in [3]: layers 1 and 5

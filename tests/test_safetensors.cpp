@@ -296,6 +296,38 @@ TEST_CASE("safetensors: HF-written fixtures open (single file and 11 shards)") {
   CHECK(dense.files().front().metadata().at("format") == "pt");
 }
 
+TEST_CASE("safetensors: offsets past 4 GiB are read as 64-bit (sparse 5 GiB file, opened without reading it)") {
+  TempDir dir;
+  const fs::path p = dir / "big.safetensors";
+  const std::uint64_t big = 5ull << 30;
+  const std::string header = R"({"big":{"dtype":"F32","shape":[1342177280],"data_offsets":[0,)" + std::to_string(big) +
+                             R"(]},"tail":{"dtype":"U8","shape":[3],"data_offsets":[)" + std::to_string(big) + ", " +
+                             std::to_string(big + 3) + "]}}";
+  write_raw(p, u64le(header.size()) + header);
+  fs::resize_file(p, 8 + header.size() + big + 3);  // a hole: no disk blocks, reads as zeros
+  const SafetensorsFile f = SafetensorsFile::open(p);
+  const TensorInfo* t = f.find("big");
+  REQUIRE(t != nullptr);
+  CHECK(t->bytes.size() == big);
+  CHECK(t->numel() == 1342177280);
+  const TensorInfo* tail = f.find("tail");
+  REQUIRE(tail != nullptr);
+  CHECK(tail->bytes.data() == t->bytes.data() + big);
+  CHECK(tail->bytes[2] == std::byte{0});  // touches one page at the far end of the mapping
+}
+
+TEST_CASE("safetensors: names that need JSON escaping, and no __metadata__ when none is given") {
+  TempDir dir;
+  const std::vector<std::byte> data = random_bytes(6, 11);
+  const std::string odd = "model.\"quoted\"/\\ü\n";
+  write_safetensors(dir / "e.safetensors", {{odd, DType::I16, {3}, as_span(data)}}, {});
+  const SafetensorsFile f = SafetensorsFile::open(dir / "e.safetensors");
+  REQUIRE(f.find(odd) != nullptr);
+  CHECK(std::memcmp(f.find(odd)->bytes.data(), data.data(), 6) == 0);
+  CHECK(f.metadata().empty());
+  CHECK(!contains(read_raw(dir / "e.safetensors"), "__metadata__"));
+}
+
 // ---- bad input: one test each --------------------------------------------------------------------------------
 
 TEST_CASE("safetensors bad input: truncated file (shorter than 8 bytes)") {
