@@ -167,6 +167,23 @@ TEST_CASE("config: transformers 5.x spellings (dtype, rope_parameters, num_local
             .rope_theta == 1000000.0);
 }
 
+TEST_CASE("config: where rope_theta comes from") {
+  auto theta = [](const std::function<void(boost::json::object&)>& edit) {
+    return parse_config(edited(kQwen3MoeV4, edit), kFile).rope_theta;
+  };
+  CHECK(theta([](boost::json::object&) {}) == 1e6);  // 4.x top level
+  // 5.x rope_parameters wins over a leftover top-level key
+  CHECK(theta([](boost::json::object& o) { o["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 5e5}}; }) == 5e5);
+  // rope_parameters without a theta: the top-level key
+  CHECK(theta([](boost::json::object& o) { o["rope_parameters"] = {{"rope_type", "default"}}; }) == 1e6);
+  // only inside rope_scaling
+  CHECK(theta([](boost::json::object& o) {
+          o.erase("rope_theta");
+          o["rope_scaling"] = {{"rope_type", "default"}, {"rope_theta", 2e4}};
+        }) == 2e4);
+  CHECK(theta([](boost::json::object& o) { o.erase("rope_theta"); }) == 10000.0);
+}
+
 TEST_CASE("config: defaults when optional keys are absent") {
   const ModelConfig c = parse_config(edited(kQwen3MoeV4,
                                             [](boost::json::object& o) {
@@ -379,6 +396,11 @@ TEST_CASE("config bad input: unsupported architecture features") {
                                       o["rope_parameters"] = {{"rope_type", "llama3"}, {"rope_theta", 1e4}};
                                     })),
                  "cfg/config.json: rope_parameters.rope_type: 'llama3' is not supported"));
+  CHECK(contains(parse_error(edited(kQwen3DenseV5,
+                                    [](boost::json::object& o) {
+                                      o["rope_parameters"] = {{"full_attention", {{"rope_type", "default"}}}};
+                                    })),
+                 "cfg/config.json: rope_parameters.full_attention: per-layer-type RoPE settings are not supported"));
   CHECK(contains(parse_error(edited(kQwen3DenseV5, [](boost::json::object& o) { o["use_sliding_window"] = true; })),
                  "cfg/config.json: use_sliding_window: true is not supported"));
   CHECK(contains(parse_error(edited(kQwen3DenseV5, [](boost::json::object& o) { o["hidden_act"] = "gelu"; })),

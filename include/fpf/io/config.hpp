@@ -208,32 +208,39 @@ inline ModelConfig parse_config(std::string_view json_text, const std::filesyste
   for (int l = 0; l < c.num_hidden_layers && !any_dense; ++l) any_dense = !c.is_moe_layer(l);
   c.intermediate_size = any_dense ? r.required_int("intermediate_size", 1) : r.optional_int("intermediate_size", 0, 1);
 
-  // RoPE: 5.x rope_parameters {rope_type, rope_theta}; 4.x top-level rope_theta plus rope_scaling (null or a dict
-  // whose type is "rope_type" or the older "type").
-  std::optional<double> theta;
+  // RoPE. 5.x: rope_parameters {rope_type, rope_theta}; 4.x: top-level rope_theta plus rope_scaling (null, or a
+  // dict whose type is "rope_type" or the older "type"). Only the default (unscaled) RoPE is implemented.
+  const boost::json::object* rope_params = nullptr;
+  const boost::json::object* rope_scaling = nullptr;
   for (std::string_view dict_key : {"rope_parameters", "rope_scaling"}) {
     const boost::json::value* d = r.get(dict_key);
     if (d == nullptr) continue;
     if (!d->is_object()) throw Error(r.where(dict_key), "must be an object or null, got " + json::brief(*d));
-    const std::string dk(dict_key);
+    const boost::json::object& o = d->get_object();
+    for (const auto& kv : o)  // 5.x form for models mixing attention types: one dict per layer type
+      if (kv.value().is_object())
+        throw Error(r.where(std::string(dict_key) + "." + std::string(kv.key())),
+                    "per-layer-type RoPE settings are not supported");
     for (std::string_view tk : {"rope_type", "type"}) {
-      const boost::json::value* t = d->get_object().if_contains(boost::json::string_view(tk.data(), tk.size()));
+      const boost::json::value* t = o.if_contains(boost::json::string_view(tk.data(), tk.size()));
       if (t == nullptr || t->is_null()) continue;
-      const std::string where_t = dk + "." + std::string(tk);
+      const std::string where_t = std::string(dict_key) + "." + std::string(tk);
       if (!t->is_string()) throw Error(r.where(where_t), "must be a string, got " + json::brief(*t));
       if (t->get_string() != "default")
         throw Error(r.where(where_t), "'" + std::string(t->get_string()) +
                                           "' is not supported (fpf implements the default RoPE only)");
       break;
     }
-    const boost::json::value* t = d->get_object().if_contains("rope_theta");
-    if (t && !t->is_null() && !theta) {
-      theta = r.to_positive_number(dk + ".rope_theta", *t);
-      if (dict_key == "rope_scaling" && r.get("rope_theta")) theta.reset();  // 4.x: the top-level key wins
-    }
+    (dict_key == "rope_parameters" ? rope_params : rope_scaling) = &o;
   }
-  if (!theta && r.get("rope_theta")) theta = r.to_positive_number("rope_theta", *r.get("rope_theta"));
-  if (theta) c.rope_theta = *theta;
+  // theta, first found wins: rope_parameters.rope_theta (5.x), rope_theta (4.x), rope_scaling.rope_theta, 10000.
+  auto theta_in = [](const boost::json::object* o) -> const boost::json::value* {
+    const boost::json::value* t = o ? o->if_contains("rope_theta") : nullptr;
+    return (t == nullptr || t->is_null()) ? nullptr : t;
+  };
+  if (const boost::json::value* t = theta_in(rope_params)) c.rope_theta = r.to_positive_number("rope_parameters.rope_theta", *t);
+  else if (const boost::json::value* t2 = r.get("rope_theta")) c.rope_theta = r.to_positive_number("rope_theta", *t2);
+  else if (const boost::json::value* t3 = theta_in(rope_scaling)) c.rope_theta = r.to_positive_number("rope_scaling.rope_theta", *t3);
 
   if (const boost::json::value* v = r.get("rms_norm_eps")) c.rms_norm_eps = r.to_positive_number("rms_norm_eps", *v);
   c.tie_word_embeddings = r.optional_bool("tie_word_embeddings", false);
