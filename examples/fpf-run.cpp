@@ -1,0 +1,103 @@
+// fpf-run: runs one configuration (model, prompt, backend, precision, attention, batch) for --reps repetitions,
+// checks that the repetitions are bit-identical and writes an experiment JSON in the seed schema.
+//
+//   fpf-run --model DIR --prompt-ids 1,2,3 --steps 8 [--layers 1,2,4,12,last] [--positions -3,-2,-1] [--topk 10]
+//           [--backend cpu] [--precision fp32] [--attention flash|eager] [--batch-size N] [--reps 3] [--out F]
+//
+// Several sequences: separate prompts with ';' (--prompt-ids "1,2,3;7,8"); sequence 0 is the measured one.
+// Exit codes: 0 ok, 1 repetitions differ (the report names where; every rep is kept in F.nondeterministic.json),
+// 2 bad input or usage.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <fpf/engine/describe.hpp>
+#include <fpf/engine/dispatch.hpp>
+#include <fpf/engine/engine.hpp>
+#include <fpf/experiment/json.hpp>
+#include <fpf/experiment/runner.hpp>
+#include <fpf/taps/parse.hpp>
+
+namespace {
+
+std::vector<std::vector<std::int32_t>> parse_prompts(const std::string& text) {
+  std::vector<std::vector<std::int32_t>> prompts;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t end = std::min(text.find(';', start), text.size());
+    std::vector<std::int32_t> ids;
+    for (int v : fpf::taps::parse_int_list(std::string_view(text).substr(start, end - start), "--prompt-ids"))
+      ids.push_back(v);
+    prompts.push_back(std::move(ids));
+    start = end + 1;
+  }
+  return prompts;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"fpf-run: one configuration, N bit-checked repetitions, one experiment JSON"};
+  std::string model_dir, prompt_ids, layers_text, positions_text = "-3,-2,-1", backend = "cpu", precision_text = "fp32",
+                         attention = "flash", out = "fpf-run.json", model_name;
+  int steps = 30, topk = 10, batch_size = 0, reps = 3;
+  app.add_option("--model", model_dir, "checkpoint directory (config.json + safetensors)")->required();
+  app.add_option("--prompt-ids", prompt_ids, "token ids, comma-separated; ';' between sequences")->required();
+  app.add_option("--steps", steps, "greedy decode steps");
+  app.add_option("--layers", layers_text, "1-based blocks to tap; 'last' = the last block (default 1,2,4,12,last)");
+  app.add_option("--positions", positions_text, "positions from the end of the sequence fed so far");
+  app.add_option("--topk", topk, "top-k logprobs per position");
+  app.add_option("--backend", backend, "cpu | cuda");
+  app.add_option("--precision", precision_text, "fp32 | bf16 | fp16");
+  app.add_option("--attention", attention, "flash | eager");
+  app.add_option("--batch-size", batch_size, "sequences decoded together (default: the number of prompts)");
+  app.add_option("--reps", reps, "repetitions, compared bit for bit");
+  app.add_option("--out", out, "experiment JSON to write");
+  app.add_option("--model-name", model_name, "model name recorded in the file (default: the directory name)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "fpf-run: error: %s\n", e.what());
+    return fpf::kExitBadInput;
+  }
+
+  return fpf::run_main("fpf-run", [&] {
+    const fpf::io::ModelConfig cfg = fpf::io::load_config(model_dir);
+    fpf::taps::TapSpec spec;
+    spec.layers = layers_text.empty() ? fpf::taps::default_layers(cfg.num_hidden_layers)
+                                      : fpf::taps::parse_layers(layers_text, cfg.num_hidden_layers);
+    spec.positions = fpf::taps::parse_int_list(positions_text, "--positions");
+    spec.topk = topk;
+    const fpf::Precision precision = fpf::parse_precision(precision_text);
+    std::vector<std::vector<std::int32_t>> prompts = parse_prompts(prompt_ids);
+    if (batch_size == 0) batch_size = static_cast<int>(prompts.size());
+    if (batch_size != static_cast<int>(prompts.size()))
+      throw fpf::Error("--batch-size", std::to_string(batch_size) + " sequences asked for, " +
+                                           std::to_string(prompts.size()) + " prompts given in --prompt-ids");
+    if (reps < 1) throw fpf::Error("--reps", "must be at least 1");
+    if (model_name.empty()) model_name = std::filesystem::path(model_dir).lexically_normal().filename().string();
+    if (model_name.empty()) model_name = std::filesystem::absolute(model_dir).parent_path().filename().string();
+
+    return fpf::with_setup(backend, attention, [&]<class S>() {
+      fpf::Engine<S> engine(model_dir, fpf::EngineOptions{precision});
+      auto meta = fpf::describe_experiment(cfg, model_name, "single_run", "none", spec, steps,
+                                           static_cast<std::int64_t>(prompts[0].size()));
+      const std::string config_id = backend + "_" + precision_text + "_" + attention + "_bs" + std::to_string(batch_size);
+      auto conf = fpf::describe_configuration(config_id, backend, precision, S::attention::name, S::quant::name,
+                                              batch_size);
+      const auto file = fpf::experiment::run_experiment(
+          meta, conf, [&](int) { return engine.generate(prompts, steps, spec); }, out,
+          fpf::experiment::RunOptions{reps});
+      const auto& det = *file.configurations.at(0).determinism;
+      std::printf("%s: %d reps bit-identical (signals fnv1a64 %s); tokens:", config_id.c_str(), reps,
+                  det.signals_fnv1a64.c_str());
+      for (const auto& st : file.runs.back().decode_steps) std::printf(" %d", st.token_id);
+      std::printf("\nwrote %s\n", out.c_str());
+      return fpf::kExitOk;
+    });
+  });
+}
