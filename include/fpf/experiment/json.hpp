@@ -16,6 +16,7 @@
 //
 // Files are written atomically: to "<file>.tmp.<pid>" in the same folder, flushed to disk, then renamed over the
 // target, so a reader never sees half a file.
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -460,37 +461,37 @@ inline int parse_suffix(const Node& parent, std::string_view key, std::string_vi
   return v;
 }
 
-// Checks that a map read from the file has exactly the expected keys (extraction_config's layers or positions).
+// A key must be listed in extraction_config (a layer or position the experiment did not ask for is an error).
+inline void check_listed(const Node& value, int k, const std::vector<int>& expected, const char* config_field) {
+  if (std::find(expected.begin(), expected.end(), k) == expected.end())
+    value.fail(std::string("not in experiment_metadata.extraction_config.") + config_field);
+}
+
+// Every key listed in extraction_config must be present.
 template <class Map>
-void check_keys(const Node& n, const Map& got, const std::vector<int>& expected, const char* prefix,
-                const char* config_field) {
+void check_present(const Node& n, const Map& got, const std::vector<int>& expected, const char* prefix) {
   for (int k : expected)
     if (!got.count(k)) n.at(std::string(prefix) + std::to_string(k));  // throws "missing field" with the path
-  for (const auto& [k, v] : got) {
-    bool listed = false;
-    for (int e : expected) listed |= e == k;
-    if (!listed)
-      n.fail(std::string(prefix) + std::to_string(k) + " is not in experiment_metadata.extraction_config." +
-             config_field);
-  }
 }
 
 inline void read_layer_map(const Node& n, const ExtractionConfig& ec, int dim, const char* dim_name,
                            taps::LayerPosMap& out) {
   n.members([&](std::string_view lkey, const Node& layer) {
     int k = parse_suffix(n, lkey, "layer_");
+    check_listed(layer, k, ec.layers, "layers");
     auto& positions = out[k];
     layer.members([&](std::string_view pkey, const Node& vec) {
       int p = parse_suffix(layer, pkey, "pos_");
+      check_listed(vec, p, ec.positions, "positions");
       auto& v = positions[p];
       vec.floats(v);
       if (int(v.size()) != dim)
         vec.fail("has " + std::to_string(v.size()) + " values, experiment_metadata.extraction_config." +
                  dim_name + " is " + std::to_string(dim));
     });
-    check_keys(layer, positions, ec.positions, "pos_", "positions");
+    check_present(layer, positions, ec.positions, "pos_");
   });
-  check_keys(n, out, ec.layers, "layer_", "layers");
+  check_present(n, out, ec.layers, "layer_");
 }
 
 inline taps::StepSignals read_step(const Node& n, const ExtractionConfig& ec) {
@@ -502,7 +503,9 @@ inline taps::StepSignals read_step(const Node& n, const ExtractionConfig& ec) {
   read_layer_map(n.at("key_vectors"), ec, ec.key_dim, "key_dim", s.key_vectors);
   Node lp = n.at("logprobs");
   lp.members([&](std::string_view pkey, const Node& entry) {
-    taps::TopK& t = s.logprobs[parse_suffix(lp, pkey, "pos_")];
+    int p = parse_suffix(lp, pkey, "pos_");
+    check_listed(entry, p, ec.positions, "positions");
+    taps::TopK& t = s.logprobs[p];
     entry.at("token_ids").ints(t.token_ids);
     Node probs = entry.at("log_probs");
     probs.floats(t.log_probs);
@@ -514,7 +517,7 @@ inline taps::StepSignals read_step(const Node& n, const ExtractionConfig& ec) {
       probs.fail("has " + std::to_string(t.log_probs.size()) + " values but token_ids has " +
                  std::to_string(t.token_ids.size()));
   });
-  check_keys(lp, s.logprobs, ec.positions, "pos_", "positions");
+  check_present(lp, s.logprobs, ec.positions, "pos_");
   return s;
 }
 
