@@ -266,6 +266,11 @@ TEST_CASE("safetensors: a directory with model.safetensors, or a file path, open
   CHECK(c.get("a").file == dir / "model.safetensors");
   const Checkpoint f = Checkpoint::open(dir / "model.safetensors");
   CHECK(f.get("a").numel() == 3);
+  // model.safetensors beside an index: the single file wins (transformers checks for it first)
+  write_sharded_checkpoint(dir.path, {{"b", DType::I32, {3}, as_span(data)}}, 1024);
+  REQUIRE(fs::exists(dir / "model.safetensors.index.json"));
+  CHECK(Checkpoint::open(dir.path).names() == std::vector<std::string>{"a"});
+  CHECK(Checkpoint::open(dir / "model.safetensors.index.json").names() == std::vector<std::string>{"b"});
   CHECK(contains(error_of([&] { Checkpoint::open(dir / "nothing_here"); }), "nothing_here"));
   fs::create_directory(dir / "empty");
   const std::string msg = error_of([&] { Checkpoint::open(dir / "empty"); });

@@ -94,6 +94,7 @@ inline std::optional<std::int64_t> as_nonneg_int(const boost::json::value& v) {
 }  // namespace detail
 
 // One .safetensors file, mmap'ed read-only. Movable, not copyable; TensorInfo::bytes stay valid across moves.
+// (As with any mmap, truncating the file on disk while it is open makes later reads of the cut pages fault.)
 class SafetensorsFile {
  public:
   // Maps the file and validates the whole header against the file size. Throws fpf::Error naming the file and
@@ -266,8 +267,8 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
-// A model directory: model.safetensors, or shards listed by model.safetensors.index.json (preferred when both
-// exist, as transformers does). Also accepts the path of a .safetensors file or of the index itself.
+// A model directory: model.safetensors, or shards listed by model.safetensors.index.json. When both exist the single
+// file wins, as in transformers' from_pretrained. Also accepts the path of a .safetensors file or of the index.
 class Checkpoint {
  public:
   static Checkpoint open(const std::filesystem::path& dir_or_file) {
@@ -284,8 +285,8 @@ class Checkpoint {
     if (!fs::is_directory(dir_or_file, ec)) throw Error(dir_or_file.string(), "no such model directory");
     const fs::path index = dir_or_file / kIndexFileName;
     const fs::path single = dir_or_file / kSingleFileName;
-    if (fs::exists(index, ec)) c.open_index(index);
-    else if (fs::exists(single, ec)) c.open_single(single);
+    if (fs::exists(single, ec)) c.open_single(single);
+    else if (fs::exists(index, ec)) c.open_index(index);
     else throw Error(dir_or_file.string(), "no " + std::string(kSingleFileName) + " or " + std::string(kIndexFileName));
     return c;
   }
