@@ -19,7 +19,7 @@ inline std::filesystem::path fixture_dir(const std::string& name) {
 }
 
 inline const std::vector<std::string>& fixture_names() {
-  static const std::vector<std::string> names{"dense_tied", "moe_sparse_step", "moe_no_norm", "moe_bf16_sharded"};
+  static const std::vector<std::string> names{"dense_tied", "moe_sparse_step", "moe_no_norm", "moe_bf16_sharded", "moe_real_vocab"};
   return names;
 }
 
