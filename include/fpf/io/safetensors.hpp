@@ -83,6 +83,10 @@ inline bool is_safetensors_dtype_fpf_lacks(std::string_view s) {
   return false;
 }
 
+inline std::string range_str(std::uint64_t begin, std::uint64_t end) {
+  return "[" + std::to_string(begin) + ", " + std::to_string(end) + "]";
+}
+
 // A non-negative integer that fits in int64, or nullopt (negative, fractional, too large, not a number).
 inline std::optional<std::int64_t> as_nonneg_int(const boost::json::value& v) {
   if (v.is_int64()) return v.get_int64() >= 0 ? std::optional<std::int64_t>(v.get_int64()) : std::nullopt;
@@ -197,15 +201,15 @@ class SafetensorsFile {
       const std::optional<std::int64_t> en = detail::as_nonneg_int(ov->get_array()[1]);
       if (!b || !en) throw Error(where("data_offsets"), "must be two non-negative integers, got " + json::brief(*ov));
       const Range r{static_cast<std::uint64_t>(*b), static_cast<std::uint64_t>(*en)};
-      const std::string offs = "[" + std::to_string(r.begin) + ", " + std::to_string(r.end) + "]";
-      if (r.end < r.begin) throw Error(where("data_offsets"), offs + " ends before it begins");
+      const auto offs = [&] { return detail::range_str(r.begin, r.end); };  // built only for a message
+      if (r.end < r.begin) throw Error(where("data_offsets"), offs() + " ends before it begins");
       if (r.end > buffer_len)
-        throw Error(where("data_offsets"), offs + " out of range: past the end of the data buffer (" +
+        throw Error(where("data_offsets"), offs() + " out of range: past the end of the data buffer (" +
                                                std::to_string(buffer_len) + " bytes; truncated file?)");
       const std::optional<std::uint64_t> need = detail::checked_nbytes(t.shape, t.dtype);
       if (!need) throw Error(where("shape"), detail::shape_str(t.shape) + " is too large (element count overflows)");
       if (*need != r.end - r.begin)
-        throw Error(where("data_offsets"), offs + " spans " + std::to_string(r.end - r.begin) + " bytes but shape " +
+        throw Error(where("data_offsets"), offs() + " spans " + std::to_string(r.end - r.begin) + " bytes but shape " +
                                                detail::shape_str(t.shape) + " of " + std::string(dtype_name(t.dtype)) +
                                                " needs " + std::to_string(*need));
       t.bytes = {buffer + r.begin, static_cast<std::size_t>(r.end - r.begin)};
@@ -226,14 +230,13 @@ class SafetensorsFile {
     Range prev_r{0, 0};
     for (std::size_t i : order) {
       const Range r = ranges[i];
-      const std::string where = file + ": header.data_offsets of '" + tensors_[i].name + "'";
-      const std::string offs = "[" + std::to_string(r.begin) + ", " + std::to_string(r.end) + "]";
+      const auto where = [&] { return file + ": header.data_offsets of '" + tensors_[i].name + "'"; };
       if (r.begin < cursor)
-        throw Error(where, offs + " overlaps '" + prev->name + "' [" + std::to_string(prev_r.begin) + ", " +
-                               std::to_string(prev_r.end) + "]");
+        throw Error(where(), detail::range_str(r.begin, r.end) + " overlaps '" + prev->name + "' " +
+                                 detail::range_str(prev_r.begin, prev_r.end));
       if (r.begin > cursor)
-        throw Error(where, offs + " leaves a hole: bytes [" + std::to_string(cursor) + ", " + std::to_string(r.begin) +
-                               ") of the data buffer belong to no tensor");
+        throw Error(where(), detail::range_str(r.begin, r.end) + " leaves a hole: bytes [" + std::to_string(cursor) +
+                                 ", " + std::to_string(r.begin) + ") of the data buffer belong to no tensor");
       cursor = r.end;
       prev = &tensors_[i];
       prev_r = r;
