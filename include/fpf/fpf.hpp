@@ -12,3 +12,6 @@
 #include <fpf/engine/options.hpp>
 #include <fpf/backend/cpu/backend.hpp>
 #include <fpf/engine/engine.hpp>
+#include <fpf/text/tokenizer.hpp>
+#include <fpf/text/chat_template.hpp>
+#include <fpf/text/prompt.hpp>
