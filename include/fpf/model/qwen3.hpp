@@ -2,8 +2,8 @@
 // Qwen3 / Qwen3-MoE weights in fp32 for the CPU reference, bound by tensor name from a Hugging Face checkpoint
 // (formats.md §1.3). Experts may be stored per expert (`mlp.experts.E.gate_proj.weight`, what transformers saves)
 // or fused (`mlp.experts.gate_up_proj` [E, 2I, H] with gate rows first, `mlp.experts.down_proj` [E, H, I], the
-// in-memory layout of transformers 5). Linear weights come through the Quant policy; norms and embeddings are
-// always dense.
+// in-memory layout of transformers 5). Linear weights (the router and lm_head included) come through the Quant
+// policy, which reads a module stored unquantized as dense; norms and embeddings are always dense.
 #include <cstdint>
 #include <set>
 #include <string>
@@ -89,7 +89,9 @@ WeightsF32 load_weights_f32(const io::Checkpoint& ckpt, const io::ModelConfig& c
       continue;
     }
     const std::int64_t E = cfg.num_experts, I = cfg.moe_intermediate_size;
-    L.router = LinearF32{r.f32(p + ".mlp.gate.weight", {E, H}), E, H};  // the router is never quantized
+    // The router goes through the Quant policy too: AWQ/GPTQ keep it dense (the policies then read it through
+    // quant::Dense), but bitsandbytes quantizes every nn.Linear that its skip list leaves (formats.md §4.4).
+    L.router = linear(p + ".mlp.gate", E, H);
     L.experts.resize(static_cast<std::size_t>(E));
     const std::string fused_gate_up = p + ".mlp.experts.gate_up_proj", fused_down = p + ".mlp.experts.down_proj";
     const bool fused = r.has(fused_gate_up) && !Quant::stores(r, p + ".mlp.experts.0.gate_proj");

@@ -3,9 +3,12 @@
 // shape agrees with what the config implies) and remembers what it read, so that tensors nobody asked for are
 // reported instead of silently ignored.
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <string_view>
+#include <typeindex>
 #include <vector>
 
 #include <fpf/core/dtype.hpp>
@@ -68,6 +71,15 @@ class WeightReader {
 
   void mark_used(std::string_view name) { used_.insert(std::string(name)); }
 
+  // State a loader derives once per checkpoint and reuses for every module (e.g. a quant policy's parsed
+  // quantization_config), keyed by its type: make() runs on the first call only.
+  template <class T, class Make>
+  const T& memo(Make&& make) {
+    auto it = memo_.find(std::type_index(typeid(T)));
+    if (it == memo_.end()) it = memo_.emplace(std::type_index(typeid(T)), std::make_shared<T>(make())).first;
+    return *static_cast<const T*>(it->second.get());
+  }
+
   // Every tensor in the checkpoint must have been read, except those named in `ignorable`.
   void check_all_used(const std::set<std::string>& ignorable = {}) const {
     for (const std::string& n : ckpt_.names())
@@ -83,6 +95,7 @@ class WeightReader {
   const io::ModelConfig& cfg_;
   std::optional<DType> float_dtype_;
   std::set<std::string> used_;
+  std::map<std::type_index, std::shared_ptr<void>> memo_;
 };
 
 }  // namespace fpf::model
