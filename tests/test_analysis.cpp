@@ -1,6 +1,7 @@
 // The four analyses on synthetic files whose distances are worked out by hand.
 //
-// Signals are 0 everywhere except element 0 of key_vectors and hidden_states, which is
+// The file (fixtures/experiment/synthetic.hpp, two_hardware_file): signals are 0 everywhere except element 0 of
+// key_vectors and hidden_states, which is
 //   layer_3 (the headline): (hw_offset + g(value)) * (step + 1)      layer_1: hw_offset * (step + 1)
 // with hw_offset A = 0, B = 0.25 and g(1) = 0, g(2) = 0.5, g(4) = 3 (all exact in binary).
 // Two steps and two positions give four (step, position) distances per pair: |delta| * 1 twice and |delta| * 2
@@ -21,24 +22,9 @@ using experiment::Signal;
 
 namespace {
 
-float g(std::int64_t v) { return v == 1 ? 0.0f : v == 2 ? 0.5f : 3.0f; }
-
+using testing::two_hardware_file;
 testing::ValueFn signal_for(float hw_offset, std::int64_t value) {
-  return [=](Signal s, int step, int layer, int, int i) -> float {
-    if (s == Signal::logprobs) return -1.0f - hw_offset * float(i);  // logprobs: baseline only, no variable effect
-    if (i != 0) return 0.0f;
-    float base = layer == 3 ? hw_offset + g(value) : hw_offset;
-    return base * float(step + 1);
-  };
-}
-
-ExperimentFile two_hardware_file(float offset_b = 0.25f) {
-  ExperimentFile f = testing::synthetic_file();
-  for (std::int64_t v : {1, 2, 4}) {
-    testing::add_config(f, "A_bs" + std::to_string(v), "A", v, signal_for(0.0f, v));
-    testing::add_config(f, "B_bs" + std::to_string(v), "B", v, signal_for(offset_b, v));
-  }
-  return f;
+  return testing::two_hardware_signal(hw_offset, value);
 }
 
 const Comparison& find_cross(const CrossHardware& x, std::int64_t a, std::int64_t b) {
