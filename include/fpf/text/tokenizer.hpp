@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cstring>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -167,6 +168,104 @@ class MergeTable {
   std::vector<std::uint64_t> keys_;
   std::vector<Rule> rules_;
   int shift_ = 60;
+};
+
+// BPE results per pre-token (its raw bytes -> its ids): an open-addressing table over two arenas, so that a lookup
+// is one hash of a short string, one probe and one memcmp, and an insert allocates nothing per word. Keys are at
+// most 64 KiB and results at most 64 Ki ids (the caller caches short words only).
+class WordCache {
+ public:
+  // A multiply-xorshift hash over 8-byte words; never 0 (0 marks an empty slot). The last partial word is read as
+  // overlapping fixed-size loads (wyhash's trick): a variable-length copy would stall the load that follows it.
+  static std::uint64_t hash(std::string_view key) noexcept {
+    const char* p = key.data();
+    const std::size_t n = key.size();
+    const auto load8 = [](const char* q) { std::uint64_t w; std::memcpy(&w, q, 8); return w; };
+    const auto load4 = [](const char* q) { std::uint32_t w; std::memcpy(&w, q, 4); return std::uint64_t{w}; };
+    std::uint64_t h = (n + 1) * 0x9E3779B97F4A7C15ull;
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      h = (h ^ load8(p + i)) * 0xBF58476D1CE4E5B9ull;
+      h ^= h >> 31;
+    }
+    std::uint64_t tail = 0;
+    if (n >= 8) {
+      tail = load8(p + n - 8);
+    } else if (n >= 4) {
+      tail = (load4(p) << 32) | load4(p + n - 4);
+    } else if (n > 0) {
+      tail = (std::uint64_t{static_cast<unsigned char>(p[0])} << 16) |
+             (std::uint64_t{static_cast<unsigned char>(p[n / 2])} << 8) | static_cast<unsigned char>(p[n - 1]);
+    }
+    h = (h ^ tail) * 0x94D049BB133111EBull;
+    h ^= h >> 29;
+    return h | 1;
+  }
+
+  // Starts loading the slot of hash h: a table larger than the CPU cache otherwise stalls every lookup.
+  void prefetch(std::uint64_t h) const noexcept {
+    if (!slots_.empty()) __builtin_prefetch(&slots_[index(h)]);
+  }
+
+  // h must be hash(key).
+  std::optional<std::span<const TokenId>> find(std::string_view key, std::uint64_t h) const noexcept {
+    if (slots_.empty()) return std::nullopt;
+    for (std::size_t i = index(h);; i = (i + 1) & (slots_.size() - 1)) {
+      const Slot& s = slots_[i];
+      if (s.hash == 0) return std::nullopt;
+      if (s.hash == h && s.key_len == key.size() && std::memcmp(keys_.data() + s.key_off, key.data(), key.size()) == 0)
+        return std::span<const TokenId>(ids_.data() + s.ids_off, s.ids_len);
+    }
+  }
+
+  // h must be hash(key).
+  void insert(std::string_view key, std::uint64_t h, std::span<const TokenId> ids) {
+    if ((used_ + 1) * 2 > slots_.size()) rehash(slots_.empty() ? 1024 : slots_.size() * 2);
+    std::size_t i = index(h);
+    while (slots_[i].hash != 0) i = (i + 1) & (slots_.size() - 1);
+    slots_[i] = {h, static_cast<std::uint32_t>(keys_.size()), static_cast<std::uint32_t>(ids_.size()),
+                 static_cast<std::uint16_t>(key.size()), static_cast<std::uint16_t>(ids.size())};
+    keys_.append(key);
+    ids_.insert(ids_.end(), ids.begin(), ids.end());
+    ++used_;
+  }
+
+  std::size_t size() const noexcept { return used_; }
+  void clear() noexcept {
+    slots_.clear();
+    keys_.clear();
+    ids_.clear();
+    used_ = 0;
+  }
+
+ private:
+  struct Slot {
+    std::uint64_t hash;  // 0: empty
+    std::uint32_t key_off, ids_off;
+    std::uint16_t key_len, ids_len;
+  };
+
+  std::size_t index(std::uint64_t h) const noexcept {
+    return static_cast<std::size_t>((h * 0x9E3779B97F4A7C15ull) >> shift_);  // Fibonacci hashing
+  }
+
+  void rehash(std::size_t capacity) {
+    std::vector<Slot> old(capacity, Slot{});
+    old.swap(slots_);
+    shift_ = 64 - std::countr_zero(capacity);
+    for (const Slot& s : old) {
+      if (s.hash == 0) continue;
+      std::size_t i = index(s.hash);
+      while (slots_[i].hash != 0) i = (i + 1) & (slots_.size() - 1);
+      slots_[i] = s;
+    }
+  }
+
+  std::vector<Slot> slots_;
+  std::string keys_;
+  std::vector<TokenId> ids_;
+  std::size_t used_ = 0;
+  int shift_ = 64;
 };
 
 struct StringHash {
@@ -330,7 +429,6 @@ class Tokenizer {
   void clear_cache() const {
     std::lock_guard lock(scratch_->mutex);
     scratch_->cache.clear();
-    scratch_->cache_ids.clear();
   }
 
  private:
@@ -344,9 +442,6 @@ class Tokenizer {
     std::size_t start;  // npos: none
     std::size_t length;
     TokenId id;
-  };
-  struct CachedWord {
-    std::uint32_t offset, length;  // into Scratch::cache_ids
   };
   struct Symbol {
     TokenId id;
@@ -362,6 +457,7 @@ class Tokenizer {
   // (bounded memory on adversarial input).
   static constexpr std::size_t kMaxCachedWordBytes = 64;
   static constexpr std::size_t kMaxCachedWords = 1u << 20;
+  static constexpr std::size_t kPieceBatch = 64;
 
   struct PcreFree {
     void operator()(pcre2_code_8* p) const noexcept { pcre2_code_free_8(p); }
@@ -380,8 +476,9 @@ class Tokenizer {
     std::string normalized;
     std::vector<Symbol> symbols;
     std::vector<Candidate> heap;
-    std::unordered_map<std::string, CachedWord, detail::StringHash, std::equal_to<>> cache;
-    std::vector<TokenId> cache_ids;
+    detail::WordCache cache;
+    std::vector<std::string_view> pieces;  // a batch of pre-tokens
+    std::vector<std::uint64_t> hashes;     // their cache hashes
   };
 
   void load(const std::string& file, std::string_view json) {
@@ -600,7 +697,25 @@ class Tokenizer {
       append_nfc(segment, buffer);
       normalized = buffer;
     }
-    for_each_piece(normalized, [&](std::string_view piece) { bpe_cached(piece, out); });
+    // Pre-tokens go through the cache in batches: hashing a batch and prefetching its slots first lets the
+    // memory accesses of many lookups overlap.
+    auto& batch = scratch_->pieces;
+    const auto flush = [&] {
+      auto& hashes = scratch_->hashes;
+      hashes.resize(batch.size());
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        hashes[i] = detail::WordCache::hash(batch[i]);
+        scratch_->cache.prefetch(hashes[i]);
+      }
+      for (std::size_t i = 0; i < batch.size(); ++i) bpe_cached(batch[i], hashes[i], out);
+      batch.clear();
+    };
+    batch.clear();
+    for_each_piece(normalized, [&](std::string_view piece) {
+      batch.push_back(piece);
+      if (batch.size() == kPieceBatch) flush();
+    });
+    flush();
   }
 
   // Calls f(piece) for each regex match and each gap between matches ("Isolated" split). Caller holds the mutex.
@@ -638,7 +753,8 @@ class Tokenizer {
     if (gap < text.size()) f(text.substr(gap));
   }
 
-  void bpe_cached(std::string_view word, std::vector<TokenId>& out) const {
+  // BPE of one pre-token through the cache; h is WordCache::hash(word).
+  void bpe_cached(std::string_view word, std::uint64_t h, std::vector<TokenId>& out) const {
     if (word.size() == 1) {
       out.push_back(byte_ids_[static_cast<unsigned char>(word[0])]);
       return;
@@ -647,21 +763,15 @@ class Tokenizer {
       bpe(word, out);
       return;
     }
-    auto& s = *scratch_;
-    if (const auto it = s.cache.find(word); it != s.cache.end()) {
-      const TokenId* first = s.cache_ids.data() + it->second.offset;
-      out.insert(out.end(), first, first + it->second.length);
+    auto& cache = scratch_->cache;
+    if (const auto hit = cache.find(word, h)) {
+      out.insert(out.end(), hit->begin(), hit->end());
       return;
     }
     const std::size_t before = out.size();
     bpe(word, out);
-    if (s.cache.size() >= kMaxCachedWords) {
-      s.cache.clear();
-      s.cache_ids.clear();
-    }
-    const CachedWord entry{static_cast<std::uint32_t>(s.cache_ids.size()), static_cast<std::uint32_t>(out.size() - before)};
-    s.cache_ids.insert(s.cache_ids.end(), out.begin() + static_cast<std::ptrdiff_t>(before), out.end());
-    s.cache.emplace(std::string(word), entry);
+    if (cache.size() >= kMaxCachedWords) cache.clear();
+    cache.insert(word, h, std::span<const TokenId>(out.data() + before, out.size() - before));
   }
 
   // Byte-level BPE of one pre-token, appended to out: the same algorithm as HF's Word::merge_all: a min-heap of
