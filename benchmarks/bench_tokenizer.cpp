@@ -1,4 +1,5 @@
 // Encode/decode throughput of fpf::text::Tokenizer on one core (bytes_per_second = input MB/s).
+// BM_EncodeParagraphs counts the whole document's bytes, blank lines included, per pass.
 // The document is FPF_BENCH_DOC if set, else the default corpus (data/corpus/*.txt, sorted, joined by "\n\n"), the
 // same text scripts/device-tokenizer-bench.sh gives Hugging Face `tokenizers`.
 // FPF_TOKENIZER_DIR overrides the tokenizer directory (default: data/qwen3-tokenizer of the source tree).
@@ -10,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace {
@@ -70,6 +72,29 @@ void BM_EncodeCold(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * doc.size()));
 }
 BENCHMARK(BM_EncodeCold)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+
+// The document cut at blank lines and encoded paragraph by paragraph (many short calls, as when encoding messages).
+void BM_EncodeParagraphs(benchmark::State& state) {
+  const auto& tok = tokenizer();
+  const auto& doc = document();
+  std::vector<std::string_view> paragraphs;
+  for (std::size_t pos = 0; pos < doc.size();) {
+    const auto end = std::min(doc.find("\n\n", pos), doc.size());
+    if (end > pos) paragraphs.push_back(std::string_view(doc).substr(pos, end - pos));
+    pos = end + 2;
+  }
+  std::vector<fpf::text::TokenId> ids;
+  for (auto _ : state) {
+    for (const auto p : paragraphs) {
+      ids.clear();
+      tok.encode_into(p, ids);
+      benchmark::DoNotOptimize(ids.data());
+    }
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * doc.size()));
+  state.counters["paragraphs"] = static_cast<double>(paragraphs.size());
+}
+BENCHMARK(BM_EncodeParagraphs)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 
 void BM_Decode(benchmark::State& state) {
   const auto& tok = tokenizer();
