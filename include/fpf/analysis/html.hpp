@@ -58,6 +58,7 @@ struct LogAxis {
     if (extra > 0) mn = std::min(mn, extra), mx = std::max(mx, extra);
     if (mx > 0) {
       lo = std::pow(10, std::floor(std::log10(mn)));
+      if (lo >= mn) lo /= 10;  // keep the smallest value above the bottom edge (a bar of it stays visible)
       hi = std::pow(10, std::ceil(std::log10(mx)));
       if (hi <= lo) hi = lo * 10;
     }
@@ -68,7 +69,7 @@ struct LogAxis {
   }
 };
 
-constexpr double W = 720, H = 320, L = 80, R = 200, T = 36, B = 56;  // size and margins (legend on the right)
+constexpr double W = 880, H = 320, L = 80, R = 320, T = 36, B = 56;  // size and margins (legend on the right)
 
 inline std::string frame(const std::string& kind, const std::string& title, const std::string& y_label,
                          const LogAxis& ax) {
