@@ -8,6 +8,8 @@
 #include <string>
 #include <string_view>
 
+#include <boost/version.hpp>
+
 #include <fpf/engine/options.hpp>
 #include <fpf/experiment/schema.hpp>
 #include <fpf/io/config.hpp>
@@ -96,6 +98,7 @@ inline experiment::Configuration describe_configuration(std::string config_id, s
   c.fpf_commit = FPF_GIT_COMMIT;
   c.compiler = compiler_name();
   c.build_flags = FPF_BUILD_FLAGS;
+  c.versions["boost_version"] = BOOST_LIB_VERSION;
   if (backend == "cpu") c.hardware = cpu_name();
   return c;
 }
