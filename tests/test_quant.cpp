@@ -494,3 +494,32 @@ TEST_CASE("quant bad input: NF4 quant state fields, shapes, code table") {
     CHECK(contains(error_of<quant::Nf4>(c, "m", 2, 2), "U8 weight without its quant state"));
   }
 }
+
+TEST_CASE("quant bad input: a dense setup on a quantized module says so; GPTQ pack_dtype") {
+  CHECK(contains(error_of<quant::Dense>(awq_2x8("dense_reads_awq", kAwqG1), "m", 8, 2),
+                 "tensor 'm.qweight': the module is stored quantized (AWQ/GPTQ)"));
+  {
+    TinyCkpt c("dense_reads_nf4");
+    c.u8("m.weight", {2, 1}, {0, 0});
+    c.text("m.weight.quant_state.bitsandbytes__nf4", "{}");
+    c.write(kBnb);
+    CHECK(contains(error_of<quant::Dense>(c, "m", 2, 2), "stored quantized (bitsandbytes NF4)"));
+  }
+  CHECK(contains(error_of<quant::Gptq<4>>(gptq_nibbles("gptq_pack_int16", R"(, "pack_dtype": "int16")"), "m", 8, 8),
+                 "quantization_config.pack_dtype: 'int16' is not supported"));
+}
+
+TEST_CASE("quant config: policy names for run-time dispatch") {
+  const fs::path f = fs::path(FPF_BINARY_DIR) / "test_quant" / "config.json";
+  CHECK(quant::policy_name(quant::parse_quant_config(R"({"model_type": "qwen3"})", f)) == "dense");
+  CHECK(quant::policy_name(quant::parse_quant_config(R"({"quantization_config": null})", f)) == "dense");
+  CHECK(quant::policy_name(quant::parse_quant_config(
+            R"({"quantization_config": {"quant_method": "AWQ", "bits": 4, "group_size": 128}})", f)) == "awq");
+  CHECK(quant::policy_name(quant::parse_quant_config(
+            R"({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}})", f)) == "gptq");
+  CHECK(quant::policy_name(quant::parse_quant_config(
+            R"({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true}})", f)) == "nf4");
+  CHECK(quant::Awq<4>::name == "awq");
+  CHECK(quant::Gptq<4>::name == "gptq");
+  CHECK(quant::Nf4::name == "nf4");
+}

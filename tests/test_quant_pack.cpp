@@ -310,3 +310,15 @@ TEST_CASE("quant rewrite: the engine on a quantized checkpoint equals the engine
     CHECK(a.steps[s].key_vectors == b.steps[s].key_vectors);
   }
 }
+
+TEST_CASE("quant pack: nearest NF4 code at the midpoints (ties to the lower code)") {
+  // Midpoint of codes 7 (0.0) and 8 (0.07958029955625534) is 0.03979015.
+  CHECK(quant::nearest_nf4(0.0397f) == 7);
+  CHECK(quant::nearest_nf4(0.0399f) == 8);
+  CHECK(quant::nearest_nf4(0.0f) == 7);
+  CHECK(quant::nearest_nf4(-1.5f) == 0);
+  CHECK(quant::nearest_nf4(2.0f) == 15);
+  CHECK(quant::nearest_nf4(-0.5f) == 2);  // -0.525 is nearer than -0.395
+  CHECK(quant::nearest_nf4(0.86f) == 14);  // midpoint of 0.7229568 and 1.0 is 0.8614784
+  CHECK(quant::nearest_nf4(0.8615f) == 15);
+}

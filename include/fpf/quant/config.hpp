@@ -188,6 +188,8 @@ inline std::optional<QuantConfig> parse_quant_config(std::string_view config_jso
       else if (qc.checkpoint_format == "gptq_v2") qc.zeros_v2 = true;
       else
         throw Error(qc.where(key), "'" + qc.checkpoint_format + "' is not supported (gptq or gptq_v2)");
+      if (const auto v = r.string({"pack_dtype"}, &key); v && *v != "int32")
+        throw Error(qc.where("pack_dtype"), "'" + *v + "' is not supported (int32 packing only)");
       qc.modules_to_not_convert = r.string_list("modules_to_not_convert");
       break;
     }
@@ -207,6 +209,18 @@ inline std::optional<QuantConfig> parse_quant_config(std::string_view config_jso
     }
   }
   return qc;
+}
+
+// The quant policy name (quant::Dense/Awq/Gptq/Nf4 ::name) that reads a checkpoint with this config: for run-time
+// dispatch from a model directory to a Setup.
+inline std::string_view policy_name(const std::optional<QuantConfig>& qc) {
+  if (!qc) return "dense";
+  switch (qc->method) {
+    case Method::Awq: return "awq";
+    case Method::Gptq: return "gptq";
+    case Method::Bnb4: return "nf4";
+  }
+  return "dense";
 }
 
 // Reads <dir>/config.json (or the given file). nullopt for a dense checkpoint.

@@ -5,6 +5,7 @@
 #include <string_view>
 #include <vector>
 
+#include <fpf/core/error.hpp>
 #include <fpf/model/weights.hpp>
 
 namespace fpf::quant {
@@ -17,6 +18,13 @@ struct Dense {
   // The module's weight as fp32, row-major [out, in].
   static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,
                                        std::int64_t in) {
+    // A quantized module read by a dense setup: say so, rather than "missing tensor" or "dtype U8".
+    if (r.has(module + ".qweight"))
+      throw Error(r.checkpoint().get(module + ".qweight").file.string() + ": tensor '" + module + ".qweight'",
+                  "the module is stored quantized (AWQ/GPTQ); run it with the matching quant setup, not dense");
+    if (r.has(module + ".weight.quant_state.bitsandbytes__nf4"))
+      throw Error(r.checkpoint().get(module + ".weight").file.string() + ": tensor '" + module + ".weight'",
+                  "the module is stored quantized (bitsandbytes NF4); run it with the nf4 quant setup, not dense");
     return r.f32(module + ".weight", {out, in});
   }
 };

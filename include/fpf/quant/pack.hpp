@@ -15,6 +15,7 @@
 //   lower index, odd counts padded with code 7) and, for double quantization, offset = mean(absmax) and 8-bit
 //   blockwise quantization of absmax - offset with the signed dynamic map in blocks of 256.
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -235,6 +236,19 @@ inline int nearest_code(std::span<const float> code, float x) {
   return best;
 }
 
+// The NF4 code nearest to x (ties to the lower index) by comparing with the midpoints between neighbours: 15
+// comparisons instead of 16 distances (fpf-synth quantizes ~30e9 weights for the real shape).
+inline int nearest_nf4(float x) {
+  static const auto mids = [] {
+    std::array<float, 15> m{};
+    for (int i = 0; i < 15; ++i) m[static_cast<std::size_t>(i)] = (kNf4Code[i] + kNf4Code[i + 1]) / 2.0f;
+    return m;
+  }();
+  int c = 0;
+  for (float m : mids) c += x > m;  // x exactly on a midpoint stays with the lower code
+  return c;
+}
+
 struct Nf4Packed {
   std::int64_t N = 0, K = 0, blocksize = 64;
   DType dtype = DType::F32;             // the quant state's dtype: dequantized weights are rounded to it
@@ -279,7 +293,7 @@ inline Nf4Packed quantize_nf4(std::span<const float> w, std::int64_t N, std::int
     for (std::int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(w[static_cast<std::size_t>(i)]));
     p.absmax[static_cast<std::size_t>(b)] = amax;
     for (std::int64_t i = lo; i < hi; ++i) {
-      const int c = amax == 0.0f ? 7 : nearest_code(kNf4Code, w[static_cast<std::size_t>(i)] / amax);
+      const int c = amax == 0.0f ? 7 : nearest_nf4(w[static_cast<std::size_t>(i)] / amax);
       std::uint8_t& byte = p.weight[static_cast<std::size_t>(i / 2)];
       byte = (i % 2 == 0) ? static_cast<std::uint8_t>((byte & 0x0F) | (c << 4)) : static_cast<std::uint8_t>((byte & 0xF0) | c);
     }
