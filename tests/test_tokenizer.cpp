@@ -232,6 +232,7 @@ TEST_CASE("tokenizer: the BPE cache does not change ids") {
     uncached.insert(uncached.end(), ids.begin(), ids.end());
   }
   CHECK(uncached == first);
+  CHECK(qwen3().encode_word("").empty());
 }
 
 namespace {
@@ -312,6 +313,9 @@ TEST_CASE("tokenizer: malformed or unsupported tokenizer.json is an fpf::Error n
   fails_with(edit([](auto& o) { o["model"].as_object()["vocab"].as_object().erase("!"); }),
              "missing the byte-level token for byte 33");
   fails_with(edit([](auto& o) { o["decoder"] = nullptr; }), "decoder.type: expected ByteLevel");
+  fails_with(edit([](auto& o) { o["post_processor"] = {{"type", "TemplateProcessing"}}; }),
+             "post_processor.type: only ByteLevel or null is supported");
+  fails_with(edit([](auto& o) { o["truncation"] = {{"max_length", 8}}; }), "truncation: only null is supported");
   fails_with(edit([](auto& o) {
                o["pre_tokenizer"].as_object()["pretokenizers"].as_array()[0].as_object()["pattern"] = {{"Regex", "(["}};
              }),

@@ -519,6 +519,12 @@ class Tokenizer {
         r.fail(std::string("pre_tokenizer.pretokenizers[1].") + flag, "only false is supported");
     }
     if (r.type(r.at(top, "decoder", ""), "decoder") != "ByteLevel") r.fail("decoder.type", "expected ByteLevel");
+    // A ByteLevel post-processor adds no tokens; others (TemplateProcessing) would add BOS/EOS.
+    if (const auto* post = top.if_contains("post_processor"); post && !post->is_null() &&
+                                                              r.type(*post, "post_processor") != "ByteLevel")
+      r.fail("post_processor.type", "only ByteLevel or null is supported");
+    for (const char* off : {"truncation", "padding"})
+      if (const auto* v = top.if_contains(off); v && !v->is_null()) r.fail(off, "only null is supported");
 
     const auto& model = r.object(r.at(top, "model", ""), "model");
     if (r.string(r.at(model, "type", "model"), "model.type") != "BPE") r.fail("model.type", "expected BPE");
@@ -779,6 +785,7 @@ class Tokenizer {
   void bpe(std::string_view word, std::vector<TokenId>& out) const {
     auto& sym = scratch_->symbols;
     auto& heap = scratch_->heap;
+    if (word.empty()) return;
     sym.clear();
     heap.clear();
     const auto n = static_cast<std::int32_t>(word.size());
