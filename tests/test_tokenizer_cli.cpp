@@ -5,7 +5,9 @@
 #include <doctest/doctest.h>
 
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -22,16 +24,19 @@ struct Result {
   std::string out, err;
 };
 
-// Runs fpf-tokenize with `args` (shell syntax), stdout and stderr captured through files.
+// A file name of this process: CTest runs test cases as parallel processes.
+fs::path own_file(const std::string& name) { return kWork / (std::to_string(::getpid()) + "-" + name); }
+
+// Runs fpf-tokenize with `args` (shell syntax), stdin, stdout and stderr through files.
 Result run(const std::string& args, const std::string& stdin_text = "") {
   fs::create_directories(kWork);
-  std::ofstream(kWork / "stdin.txt", std::ios::binary) << stdin_text;
+  std::ofstream(own_file("stdin"), std::ios::binary) << stdin_text;
   const std::string cmd = (fs::path(FPF_BINARY_DIR) / "bin/fpf-tokenize").string() + " " + args + " <" +
-                          (kWork / "stdin.txt").string() + " >" + (kWork / "stdout.txt").string() + " 2>" +
-                          (kWork / "stderr.txt").string();
+                          own_file("stdin").string() + " >" + own_file("stdout").string() + " 2>" +
+                          own_file("stderr").string();
   const int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, fpf::text::detail::read_file(kWork / "stdout.txt"),
-          fpf::text::detail::read_file(kWork / "stderr.txt")};
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, fpf::text::detail::read_file(own_file("stdout")),
+          fpf::text::detail::read_file(own_file("stderr"))};
 }
 
 const std::string kTok = "--tokenizer " + (kSource / "data/qwen3-tokenizer").string();
@@ -70,8 +75,8 @@ TEST_CASE("fpf-tokenize: a text file round-trips through --decode") {
 
 TEST_CASE("fpf-tokenize: invalid UTF-8 exits 2 with one line") {
   fs::create_directories(kWork);
-  std::ofstream(kWork / "bad.txt", std::ios::binary) << "abc\xFF";
-  const auto r = run(kTok + " --text-file " + (kWork / "bad.txt").string());
+  std::ofstream(own_file("bad.txt"), std::ios::binary) << "abc\xFF";
+  const auto r = run(kTok + " --text-file " + own_file("bad.txt").string());
   CHECK(r.code == 2);
   CHECK(r.out.empty());
   CHECK(lines(r.err) == 1);
@@ -79,7 +84,7 @@ TEST_CASE("fpf-tokenize: invalid UTF-8 exits 2 with one line") {
 }
 
 TEST_CASE("fpf-tokenize: a malformed tokenizer.json exits 2 with one line") {
-  const auto dir = kWork / "broken-tokenizer";
+  const auto dir = own_file("broken-tokenizer");
   fs::create_directories(dir);
   const auto good = fpf::text::detail::read_file(kSource / "data/qwen3-tokenizer/tokenizer.json");
   std::ofstream(dir / "tokenizer.json", std::ios::binary) << good.substr(0, good.size() / 3);  // truncated
