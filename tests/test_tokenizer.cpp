@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -233,6 +234,17 @@ TEST_CASE("tokenizer: the BPE cache does not change ids") {
   }
   CHECK(uncached == first);
   CHECK(qwen3().encode_word("").empty());
+}
+
+TEST_CASE("tokenizer: concurrent encodes on one Tokenizer give the same ids") {
+  const std::string text = fpf::text::detail::read_file(kSource / "data/corpus/gzip-manual.txt");
+  const auto expected = qwen3().encode(text);
+  qwen3().clear_cache();
+  std::vector<std::vector<TokenId>> results(4);
+  std::vector<std::thread> threads;
+  for (auto& r : results) threads.emplace_back([&] { r = qwen3().encode(text); });
+  for (auto& t : threads) t.join();
+  for (const auto& r : results) CHECK(r == expected);
 }
 
 namespace {
