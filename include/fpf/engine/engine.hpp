@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include <fpf/backend/interface.hpp>
 #include <fpf/core/error.hpp>
 #include <fpf/engine/options.hpp>
 #include <fpf/engine/setup.hpp>
@@ -20,7 +21,8 @@ namespace fpf {
 
 template <class S>
 class Engine {
-  using BackendModel = typename S::backend::template Model<S>;
+  using Model = typename S::backend::template Model<S>;
+  static_assert(BackendModel<Model>, "the backend's Model must offer reset() and forward() (backend/interface.hpp)");
 
  public:
   explicit Engine(const std::filesystem::path& model_dir, const EngineOptions& opts = {})
@@ -99,7 +101,7 @@ class Engine {
 
   io::ModelConfig cfg_;
   io::Checkpoint ckpt_;
-  BackendModel model_;
+  Model model_;
 };
 
 }  // namespace fpf

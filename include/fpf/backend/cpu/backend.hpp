@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <fpf/backend/cpu/ops.hpp>
+#include <fpf/backend/interface.hpp>
 #include <fpf/core/error.hpp>
 #include <fpf/engine/options.hpp>
 #include <fpf/io/config.hpp>
@@ -22,16 +23,6 @@
 #include <fpf/taps/capture.hpp>
 
 namespace fpf {
-
-// One sequence's input for one forward call: its next tokens (the prompt at step 0, one token later) and the
-// first absolute position whose signals the engine wants back.
-struct Chunk {
-  std::span<const std::int32_t> tokens;
-  int capture_from = 0;
-};
-
-// Signals of the captured positions of one sequence, by absolute position.
-using Captured = std::map<int, taps::PositionSignals>;
 
 namespace cpu {
 
