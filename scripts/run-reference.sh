@@ -11,4 +11,4 @@ shift || true
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFPF_BUILD_TESTS=OFF -DFPF_BUILD_BENCHMARKS=OFF
 cmake --build "$build" -j "$(nproc)" --target fpf-exp0-reference fpf-compare
 "$build/bin/fpf-exp0-reference" --model tests/fixtures/models/moe_real_vocab --out-dir results "$@"
-"$build/bin/fpf-compare" results/reference_baseline.json
+"$build/bin/fpf-compare" results/reference_baseline.json --output results/analysis_results.json
