@@ -613,6 +613,7 @@ class Tokenizer {
     if (!v.is_array()) r.fail("model.merges", "expected an array");
     const auto& merges = v.get_array();
     merges_.reserve(merges.size());
+    std::string joined;  // left + right, reused
     for (std::size_t rank = 0; rank < merges.size(); ++rank) {
       const std::string field = "model.merges[" + std::to_string(rank) + "]";
       // Newer files store ["a", "b"]; older ones "a b".
@@ -632,7 +633,8 @@ class Tokenizer {
       }
       const auto l = vocab_.find(left), rt = vocab_.find(right);
       if (l == vocab_.end() || rt == vocab_.end()) r.fail(field, "merges a token that is not in model.vocab");
-      const auto merged = vocab_.find(std::string(left) + std::string(right));
+      joined.assign(left).append(right);
+      const auto merged = vocab_.find(joined);
       if (merged == vocab_.end()) r.fail(field, "the merged token is not in model.vocab");
       merges_.insert(l->second, rt->second, {static_cast<std::uint32_t>(rank), merged->second});
     }
