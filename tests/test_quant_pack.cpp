@@ -2,7 +2,10 @@
 // round trips within the format's step, and a whole fixture rewritten in each scheme and read back by the binder.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <stdexcept>
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -321,4 +324,54 @@ TEST_CASE("quant pack: nearest NF4 code at the midpoints (ties to the lower code
   CHECK(quant::nearest_nf4(-0.5f) == 2);  // -0.525 is nearer than -0.395
   CHECK(quant::nearest_nf4(0.86f) == 14);  // midpoint of 0.7229568 and 1.0 is 0.8614784
   CHECK(quant::nearest_nf4(0.8615f) == 15);
+}
+
+TEST_CASE("quant rewrite: quantize_tensors on in-memory tensors splits fused experts per expert") {
+  // transformers-5 fused experts of one layer: gate_up_proj [E = 2, 2I = 16, H = 8] (gate rows first), down_proj
+  // [2, 8, 8]; a router and a norm pass through (AWQ keeps the router dense).
+  const std::vector<float> gu = weights(2 * 16, 8, 21), down = weights(2 * 8, 8, 22), gate = weights(2, 8, 23);
+  const std::vector<float> norm(8, 1.0f);
+  auto tw = [](const char* name, std::vector<std::int64_t> shape, const std::vector<float>& v) {
+    return io::TensorToWrite{name, DType::F32, std::move(shape), std::as_bytes(std::span<const float>(v))};
+  };
+  const std::vector<io::TensorToWrite> dense{
+      tw("model.layers.0.mlp.experts.gate_up_proj", {2, 16, 8}, gu), tw("model.layers.0.mlp.experts.down_proj", {2, 8, 8}, down),
+      tw("model.layers.0.mlp.gate.weight", {2, 8}, gate), tw("model.layers.0.input_layernorm.weight", {8}, norm)};
+  quant::QuantizeOptions o;
+  o.scheme = quant::Scheme::Awq;
+  o.group_size = 8;
+  const quant::QuantizedTensors q = quant::quantize_tensors(dense, DType::F32, false, o);
+  std::vector<std::string> names;
+  for (const io::TensorToWrite& t : q.tensors()) names.push_back(t.name);
+  std::sort(names.begin(), names.end());
+  std::vector<std::string> want{"model.layers.0.input_layernorm.weight", "model.layers.0.mlp.gate.weight"};
+  for (const char* e : {"0", "1"})
+    for (const char* p : {"down_proj", "gate_proj", "up_proj"})
+      for (const char* t : {"qweight", "qzeros", "scales"})
+        want.push_back(std::string("model.layers.0.mlp.experts.") + e + "." + p + "." + t);
+  std::sort(want.begin(), want.end());
+  CHECK(names == want);
+  CHECK(q.skip == std::vector<std::string>{"lm_head", "model.layers.0.mlp.gate"});
+  // Expert 1's up_proj is rows 8..15 of its [16, 8] slice: dequantized within half a step of those rows.
+  for (const io::TensorToWrite& t : q.tensors())
+    if (t.name == "model.layers.0.mlp.experts.1.up_proj.qweight") {
+      auto find = [&](const std::string& n) -> const io::TensorToWrite& {
+        for (const io::TensorToWrite& x : q.tensors())
+          if (x.name == n) return x;
+        throw std::runtime_error(n);
+      };
+      auto i32 = [](const io::TensorToWrite& x) {
+        std::vector<std::int32_t> v(x.bytes.size() / 4);
+        std::memcpy(v.data(), x.bytes.data(), x.bytes.size());
+        return v;
+      };
+      const io::TensorToWrite& sc = find("model.layers.0.mlp.experts.1.up_proj.scales");
+      std::vector<float> s(8);
+      for (std::size_t i = 0; i < 8; ++i) s[i] = load_as_f32(sc.bytes.data(), sc.dtype, i);
+      const std::vector<float> d =
+          quant::dequant_awq(i32(t), i32(find("model.layers.0.mlp.experts.1.up_proj.qzeros")), s, 8, 8, 8);
+      for (std::size_t n = 0; n < 8; ++n)
+        for (std::size_t k = 0; k < 8; ++k)
+          CHECK(std::fabs(d[n * 8 + k] - gu[(16 + 8 + n) * 8 + k]) <= 0.5f * s[n] * 1.0001f);
+    }
 }

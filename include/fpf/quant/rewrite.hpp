@@ -10,6 +10,9 @@
 // [E, 2I, H] / `mlp.experts.down_proj` [E, H, I]) are written per expert, as every quantized checkpoint stores them.
 // The skip list written to the config names the full module names left dense (lm_head, routers): formats.md §8
 // warns that substring matching of short names like "mlp.gate" also hits mlp.gate_proj.
+//
+// quantize_tensors() does the tensor part on a list held in memory (fpf-synth --quant can quantize what it
+// synthesizes without writing the dense checkpoint first); quantize_checkpoint() is the directory-to-directory form.
 #include <cstdint>
 #include <deque>
 #include <filesystem>
@@ -106,7 +109,7 @@ class TensorSink {
     for (std::size_t i = 0; i < v.size(); ++i) h[i] = dtype == DType::BF16 ? f32_to_bf16(v[i]) : f32_to_f16(v[i]);
     add(std::move(name), dtype, std::move(shape), h);
   }
-  void copy(const io::TensorInfo& t) { out_.push_back({t.name, t.dtype, t.shape, t.bytes}); }
+  void copy(const io::TensorToWrite& t) { out_.push_back(t); }
   const std::vector<io::TensorToWrite>& tensors() const { return out_; }
 
  private:
@@ -194,45 +197,49 @@ inline void write_quantized_linear(detail::TensorSink& sink, const std::string& 
   }
 }
 
-// Reads the dense checkpoint in src (config.json + safetensors), writes the quantized one to dst (created; files
-// of the same names are replaced). Also copies generation_config.json and tokenizer files when present.
-inline void quantize_checkpoint(const std::filesystem::path& src, const std::filesystem::path& dst,
-                                const QuantizeOptions& o) {
-  namespace fs = std::filesystem;
-  const io::ModelConfig cfg = io::load_config(src);
-  const fs::path cfg_file = src / "config.json";
-  boost::json::value root = io::json::parse(io::json::read_text_file(cfg_file), cfg_file.string());
-  if (root.get_object().if_contains("quantization_config") && !root.get_object().at("quantization_config").is_null())
-    throw Error(cfg_file.string() + ": quantization_config", "present: the source checkpoint is already quantized");
-  const std::optional<DType> model_dtype_opt = model::config_float_dtype(cfg);
-  const DType model_dtype = model_dtype_opt.value_or(DType::F32);
-  const bool router = o.quantize_router.value_or(o.scheme == Scheme::Nf4);
+// The quantized tensor list of a dense model given as tensors (a checkpoint's, or fpf-synth's in memory): quantized
+// Linears replaced by the scheme's tensors, everything else passed through (its bytes are referenced, not copied,
+// so the input must outlive the result), plus the skip list for quantization_config. Errors name the tensor.
+struct QuantizedTensors {
+  detail::TensorSink sink;
+  std::vector<std::string> skip;  // full names of the Linear modules left dense
+  const std::vector<io::TensorToWrite>& tensors() const { return sink.tensors(); }
+};
+
+inline std::vector<float> widen_f32(const io::TensorToWrite& t, std::size_t offset, std::size_t count) {
+  std::vector<float> out(count);
+  for (std::size_t i = 0; i < count; ++i) out[i] = load_as_f32(t.bytes.data(), t.dtype, offset + i);
+  return out;
+}
+
+// model_dtype: the float dtype of the dense model (config.json's); tied: tie_word_embeddings.
+inline QuantizedTensors quantize_tensors(const std::vector<io::TensorToWrite>& dense, DType model_dtype, bool tied,
+                                         const QuantizeOptions& o) {
   if (o.group_size != -1 && o.group_size < 1)
     throw Error("group size", "must be -1 or positive, got " + std::to_string(o.group_size));
-
-  const io::Checkpoint ckpt = io::Checkpoint::open(src);
-  detail::TensorSink sink;
-  std::vector<std::string> skip;
+  const bool router = o.quantize_router.value_or(o.scheme == Scheme::Nf4);
+  QuantizedTensors q;
   auto quantize = [&](const std::string& module, std::span<const float> w, std::int64_t N, std::int64_t K) {
-    write_quantized_linear(sink, module, w, N, K, o, model_dtype);
+    write_quantized_linear(q.sink, module, w, N, K, o, model_dtype);
   };
-  for (const std::string& name : ckpt.names()) {
-    const io::TensorInfo& t = ckpt.get(name);
+  bool has_lm_head = false;
+  for (const io::TensorToWrite& t : dense) {
+    const std::string& name = t.name;
+    const std::string where = "tensor '" + name + "'";
+    has_lm_head = has_lm_head || name == "lm_head.weight";
     bool is_router = false;
     const std::optional<std::string> module = detail::quantizable_module(name, &is_router);
     const std::string fused_gu = ".mlp.experts.gate_up_proj", fused_d = ".mlp.experts.down_proj";
-    const bool fused = name.size() > fused_gu.size() && (name.ends_with(fused_gu) || name.ends_with(fused_d)) &&
-                       name.rfind("model.layers.", 0) == 0;
+    const bool fused = name.rfind("model.layers.", 0) == 0 && (name.ends_with(fused_gu) || name.ends_with(fused_d));
     if (fused) {  // [E, R, C]: expert e's rows; gate_up splits into gate (first half) and up
-      if (t.shape.size() != 3 || !is_float(t.dtype))
-        throw Error(t.file.string() + ": tensor '" + name + "'", "fused experts must be a 3-D float tensor");
+      if (t.shape.size() != 3 || !is_float(t.dtype)) throw Error(where, "fused experts must be a 3-D float tensor");
       const std::int64_t E = t.shape[0], R = t.shape[1], C = t.shape[2];
       const std::string base = name.substr(0, name.rfind(".mlp.experts.")) + ".mlp.experts.";
+      if (name.ends_with(fused_gu) && R % 2 != 0) throw Error(where, "gate_up rows must be even");
       for (std::int64_t e = 0; e < E; ++e) {
-        const std::vector<float> w = model::WeightReader::widen(t, static_cast<std::size_t>(e * R * C), static_cast<std::size_t>(R * C));
+        const std::vector<float> w = widen_f32(t, static_cast<std::size_t>(e * R * C), static_cast<std::size_t>(R * C));
         const std::string x = base + std::to_string(e);
         if (name.ends_with(fused_gu)) {
-          if (R % 2 != 0) throw Error(t.file.string() + ": tensor '" + name + "'", "gate_up rows must be even");
           quantize(x + ".gate_proj", std::span<const float>(w).first(static_cast<std::size_t>(R / 2 * C)), R / 2, C);
           quantize(x + ".up_proj", std::span<const float>(w).subspan(static_cast<std::size_t>(R / 2 * C)), R / 2, C);
         } else {
@@ -242,16 +249,42 @@ inline void quantize_checkpoint(const std::filesystem::path& src, const std::fil
       continue;
     }
     if (!module || (is_router && !router)) {
-      if (module) skip.push_back(*module);
-      sink.copy(t);
+      if (module) q.skip.push_back(*module);
+      q.sink.copy(t);
       continue;
     }
-    if (t.shape.size() != 2 || !is_float(t.dtype))
-      throw Error(t.file.string() + ": tensor '" + name + "'", "a Linear weight must be a 2-D float tensor");
-    const std::vector<float> w = model::WeightReader::widen(t, 0, static_cast<std::size_t>(t.numel()));
-    quantize(*module, w, t.shape[0], t.shape[1]);
+    if (t.shape.size() != 2 || !is_float(t.dtype)) throw Error(where, "a Linear weight must be a 2-D float tensor");
+    quantize(*module, widen_f32(t, 0, static_cast<std::size_t>(t.shape[0] * t.shape[1])), t.shape[0], t.shape[1]);
   }
-  if (!cfg.tie_word_embeddings || ckpt.find("lm_head.weight")) skip.insert(skip.begin(), "lm_head");
+  if (!tied || has_lm_head) q.skip.insert(q.skip.begin(), "lm_head");
+  return q;
+}
+
+// Reads the dense checkpoint in src (config.json + safetensors), writes the quantized one to dst (created; weight
+// files of an earlier run there are removed). Also copies generation_config.json and tokenizer files when present.
+inline void quantize_checkpoint(const std::filesystem::path& src, const std::filesystem::path& dst,
+                                const QuantizeOptions& o) {
+  namespace fs = std::filesystem;
+  const io::ModelConfig cfg = io::load_config(src);
+  const fs::path cfg_file = src / "config.json";
+  boost::json::value root = io::json::parse(io::json::read_text_file(cfg_file), cfg_file.string());
+  if (root.get_object().if_contains("quantization_config") && !root.get_object().at("quantization_config").is_null())
+    throw Error(cfg_file.string() + ": quantization_config", "present: the source checkpoint is already quantized");
+  const DType model_dtype = model::config_float_dtype(cfg).value_or(DType::F32);
+
+  const io::Checkpoint ckpt = io::Checkpoint::open(src);
+  std::vector<io::TensorToWrite> dense;
+  for (const std::string& name : ckpt.names()) {
+    const io::TensorInfo& t = ckpt.get(name);
+    dense.push_back({t.name, t.dtype, t.shape, t.bytes});
+  }
+  QuantizedTensors q = [&] {
+    try {
+      return quantize_tensors(dense, model_dtype, cfg.tie_word_embeddings, o);
+    } catch (const Error& e) {
+      throw Error(src.string(), e.what());
+    }
+  }();
 
   std::error_code ec;
   if (fs::exists(dst, ec) && fs::equivalent(src, dst, ec))
@@ -263,10 +296,10 @@ inline void quantize_checkpoint(const std::filesystem::path& src, const std::fil
     if (const std::string f = e.path().filename().string();
         f == io::kSingleFileName || f == io::kIndexFileName || (f.rfind("model-", 0) == 0 && f.ends_with(".safetensors")))
       fs::remove(e.path());
-  if (o.max_shard_bytes == 0) io::write_safetensors(dst / io::kSingleFileName, sink.tensors());
-  else io::write_sharded_checkpoint(dst, sink.tensors(), o.max_shard_bytes);
+  if (o.max_shard_bytes == 0) io::write_safetensors(dst / io::kSingleFileName, q.tensors());
+  else io::write_sharded_checkpoint(dst, q.tensors(), o.max_shard_bytes);
 
-  root.get_object()["quantization_config"] = quantization_config_json(o, model_dtype, skip);
+  root.get_object()["quantization_config"] = quantization_config_json(o, model_dtype, q.skip);
   const std::string text = boost::json::serialize(root) + "\n";
   io::detail::write_file_atomically(dst / "config.json", {std::as_bytes(std::span<const char>(text.data(), text.size()))});
   for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
