@@ -352,6 +352,18 @@ TEST_CASE("quant rewrite: quantize_tensors on in-memory tensors splits fused exp
   std::sort(want.begin(), want.end());
   CHECK(names == want);
   CHECK(q.skip == std::vector<std::string>{"lm_head", "model.layers.0.mlp.gate"});
+  // The worker count changes nothing: same tensors, same order, same bytes with 1 and 3 threads.
+  for (unsigned threads : {1u, 3u}) {
+    quant::QuantizeOptions ot = o;
+    ot.threads = threads;
+    const quant::QuantizedTensors r = quant::quantize_tensors(dense, DType::F32, false, ot);
+    REQUIRE(r.tensors().size() == q.tensors().size());
+    for (std::size_t i = 0; i < r.tensors().size(); ++i) {
+      CHECK(r.tensors()[i].name == q.tensors()[i].name);
+      CHECK(std::equal(r.tensors()[i].bytes.begin(), r.tensors()[i].bytes.end(), q.tensors()[i].bytes.begin(),
+                       q.tensors()[i].bytes.end()));
+    }
+  }
   // Expert 1's up_proj is rows 8..15 of its [16, 8] slice: dequantized within half a step of those rows.
   for (const io::TensorToWrite& t : q.tensors())
     if (t.name == "model.layers.0.mlp.experts.1.up_proj.qweight") {

@@ -13,13 +13,18 @@
 //
 // quantize_tensors() does the tensor part on a list held in memory (fpf-synth --quant can quantize what it
 // synthesizes without writing the dense checkpoint first); quantize_checkpoint() is the directory-to-directory form.
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <deque>
+#include <exception>
 #include <filesystem>
 #include <optional>
 #include <set>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include <boost/json.hpp>
@@ -53,6 +58,7 @@ struct QuantizeOptions {
   std::optional<DType> scale_dtype;     // AWQ/GPTQ scales; default F16 (AutoAWQ), GPTQ: the model's 16-bit dtype
   std::optional<bool> quantize_router;  // default: true for NF4, false for AWQ/GPTQ
   std::size_t max_shard_bytes = 0;      // 0: one model.safetensors; else model-0000k-of-0000n + index
+  unsigned threads = 0;                 // worker threads (0: all cores); the output does not depend on it
 };
 
 namespace detail {
@@ -110,6 +116,13 @@ class TensorSink {
     add(std::move(name), dtype, std::move(shape), h);
   }
   void copy(const io::TensorToWrite& t) { out_.push_back(t); }
+  // Moves other's tensors to the end (the byte buffers move with their heap storage: spans stay valid).
+  void append(TensorSink&& other) {
+    for (std::vector<std::byte>& b : other.store_) store_.push_back(std::move(b));
+    for (io::TensorToWrite& t : other.out_) out_.push_back(std::move(t));
+    other.store_.clear();
+    other.out_.clear();
+  }
   const std::vector<io::TensorToWrite>& tensors() const { return out_; }
 
  private:
@@ -218,10 +231,18 @@ inline QuantizedTensors quantize_tensors(const std::vector<io::TensorToWrite>& d
   if (o.group_size != -1 && o.group_size < 1)
     throw Error("group size", "must be -1 or positive, got " + std::to_string(o.group_size));
   const bool router = o.quantize_router.value_or(o.scheme == Scheme::Nf4);
-  QuantizedTensors q;
-  auto quantize = [&](const std::string& module, std::span<const float> w, std::int64_t N, std::int64_t K) {
-    write_quantized_linear(q.sink, module, w, N, K, o, model_dtype);
+
+  // One job per output piece, in input order: a pass-through tensor, or one Linear (a whole 2-D weight, or one
+  // expert's rows of a fused 3-D tensor). Jobs run on worker threads, each into its own sink; the sinks are joined
+  // in job order, so the result (and the first error reported) does not depend on the thread count.
+  struct Job {
+    const io::TensorToWrite* t = nullptr;
+    std::string module;              // empty: pass through
+    std::size_t offset = 0;          // first element of this Linear in *t
+    std::int64_t N = 0, K = 0;
   };
+  QuantizedTensors q;
+  std::vector<Job> jobs;
   bool has_lm_head = false;
   for (const io::TensorToWrite& t : dense) {
     const std::string& name = t.name;
@@ -237,26 +258,55 @@ inline QuantizedTensors quantize_tensors(const std::vector<io::TensorToWrite>& d
       const std::string base = name.substr(0, name.rfind(".mlp.experts.")) + ".mlp.experts.";
       if (name.ends_with(fused_gu) && R % 2 != 0) throw Error(where, "gate_up rows must be even");
       for (std::int64_t e = 0; e < E; ++e) {
-        const std::vector<float> w = widen_f32(t, static_cast<std::size_t>(e * R * C), static_cast<std::size_t>(R * C));
         const std::string x = base + std::to_string(e);
+        const std::size_t at = static_cast<std::size_t>(e * R * C);
         if (name.ends_with(fused_gu)) {
-          quantize(x + ".gate_proj", std::span<const float>(w).first(static_cast<std::size_t>(R / 2 * C)), R / 2, C);
-          quantize(x + ".up_proj", std::span<const float>(w).subspan(static_cast<std::size_t>(R / 2 * C)), R / 2, C);
+          jobs.push_back({&t, x + ".gate_proj", at, R / 2, C});
+          jobs.push_back({&t, x + ".up_proj", at + static_cast<std::size_t>(R / 2 * C), R / 2, C});
         } else {
-          quantize(x + ".down_proj", w, R, C);
+          jobs.push_back({&t, x + ".down_proj", at, R, C});
         }
       }
       continue;
     }
     if (!module || (is_router && !router)) {
       if (module) q.skip.push_back(*module);
-      q.sink.copy(t);
+      jobs.push_back({&t, "", 0, 0, 0});
       continue;
     }
     if (t.shape.size() != 2 || !is_float(t.dtype)) throw Error(where, "a Linear weight must be a 2-D float tensor");
-    quantize(*module, widen_f32(t, 0, static_cast<std::size_t>(t.shape[0] * t.shape[1])), t.shape[0], t.shape[1]);
+    jobs.push_back({&t, *module, 0, t.shape[0], t.shape[1]});
   }
   if (!tied || has_lm_head) q.skip.insert(q.skip.begin(), "lm_head");
+
+  std::vector<detail::TensorSink> out(jobs.size());
+  std::vector<std::exception_ptr> errors(jobs.size());
+  std::atomic<std::size_t> next{0};
+  auto work = [&] {
+    for (std::size_t j; (j = next.fetch_add(1)) < jobs.size();) {
+      const Job& job = jobs[j];
+      try {
+        if (job.module.empty()) {
+          out[j].copy(*job.t);
+        } else {
+          const std::vector<float> w = widen_f32(*job.t, job.offset, static_cast<std::size_t>(job.N * job.K));
+          write_quantized_linear(out[j], job.module, w, job.N, job.K, o, model_dtype);
+        }
+      } catch (...) {
+        errors[j] = std::current_exception();
+      }
+    }
+  };
+  const unsigned threads = std::max(1u, std::min<unsigned>(o.threads ? o.threads : std::thread::hardware_concurrency(),
+                                                         static_cast<unsigned>(std::max<std::size_t>(jobs.size(), 1))));
+  std::vector<std::thread> pool;
+  for (unsigned i = 1; i < threads; ++i) pool.emplace_back(work);
+  work();
+  for (std::thread& th : pool) th.join();
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    if (errors[j]) std::rethrow_exception(errors[j]);
+    q.sink.append(std::move(out[j]));
+  }
   return q;
 }
 
