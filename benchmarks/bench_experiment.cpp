@@ -110,7 +110,7 @@ void BM_WriteExperiment(benchmark::State& state) {
   state.SetBytesProcessed(std::int64_t(bytes) * state.iterations());
   state.counters["file_MB"] = double(bytes) / 1e6;
 }
-BENCHMARK(BM_WriteExperiment)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_WriteExperiment)->Unit(benchmark::kMillisecond)->MinTime(1.0)->UseRealTime();
 
 void BM_WriteExperimentFile(benchmark::State& state) {
   const ExperimentFile& f = bench_file();
@@ -120,7 +120,7 @@ void BM_WriteExperimentFile(benchmark::State& state) {
   std::filesystem::remove(p);
   state.SetBytesProcessed(std::int64_t(bytes) * state.iterations());
 }
-BENCHMARK(BM_WriteExperimentFile)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_WriteExperimentFile)->Unit(benchmark::kMillisecond)->MinTime(1.0)->UseRealTime();
 
 void BM_ReadExperiment(benchmark::State& state) {
   const std::string text = to_json_text(bench_file());
@@ -130,7 +130,7 @@ void BM_ReadExperiment(benchmark::State& state) {
   }
   state.SetBytesProcessed(std::int64_t(text.size()) * state.iterations());
 }
-BENCHMARK(BM_ReadExperiment)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_ReadExperiment)->Unit(benchmark::kMillisecond)->MinTime(1.0)->UseRealTime();
 
 void BM_AnalyzeExperiment(benchmark::State& state) {
   const ExperimentFile& f = bench_file();

@@ -32,7 +32,7 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH="$PWD/$carry${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 work=$(mktemp -d /tmp/fpf-compare-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-python=python3
+python=${PYTHON:-python3}
 seed_common="$PWD/tests/fixtures/experiment/seed_common"
 seed_script="$PWD/scripts/seed_compare_experiments.py"
 
@@ -49,7 +49,7 @@ median3() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
 "$carry/bench_experiment" --benchmark_min_time=1 --benchmark_filter='Write|Read' 2>&1 | grep -E '^BM_|^Benchmark' \
   | tee -a "$out/summary.txt"
 
-for set in A B; do
+for set in ${SETS:-A B}; do
   dir="$work/$set"
   if [ "$set" = A ]; then "$carry/bench_experiment" --write-files "$dir" >/dev/null
   else "$carry/bench_experiment" --write-files "$dir" --all-reps --layers 1,2,4,12,39 >/dev/null; fi

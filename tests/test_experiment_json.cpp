@@ -214,3 +214,30 @@ TEST_CASE("experiment json: malformed input names the file and the field") {
     CHECK(msg.find("r.json: runs[2].decode_steps[0].logprobs.pos_-2.log_probs[0]") == 0);
   }
 }
+
+TEST_CASE("experiment json: the scanner accepts exactly RFC 8259 JSON") {
+  using json_detail::parse_document;
+  auto rejects = [](const std::string& text) {
+    try {
+      parse_document(text, "s.json");
+    } catch (const Error& e) {
+      return std::string(e.what()).find("invalid JSON") != std::string::npos;
+    }
+    return false;
+  };
+  for (const char* bad : {"[01]", "[.5]", "[5.]", "[1.e3]", "[1e]", "[-]", "[inf]", "[nan]", "[NaN]", "[+1]",
+                          "[1,]", "{\"a\":1,}", "{a:1}", "[1] x", "[tru]", "[\"a\nb\"]", "[\"\\x\"]",
+                          "[\"\\ud800\"]", "[\"\\udc00\"]", "[\"\xff\"]", "[\"\xc0\xaf\"]", "[\"abc", "", "  "})
+    CHECK_MESSAGE(rejects(bad), bad);
+  CHECK(rejects(std::string(65, '[') + std::string(65, ']')));  // nesting limit
+
+  auto doc = parse_document("{\"k\\u00e9y\": [\"\\ud83d\\ude00\\n\\\"\", -0, 1.5e-3, 2E+2, true, null]}", "ok.json");
+  const auto& strings = doc->tape.strings;
+  CHECK(strings[0] == "k\xC3\xA9y");                // é
+  CHECK(strings[1] == "\xF0\x9F\x98\x80\n\"");  // U+1F600 from a surrogate pair
+  const auto& t = doc->tape.tokens;
+  CHECK(std::signbit(t[4].f));
+  CHECK(t[5].f == 1.5e-3f);
+  CHECK(t[6].f == 200.0f);
+  CHECK(t[7].kind == json_detail::Kind::Bool);
+}
