@@ -15,3 +15,12 @@
 #include <fpf/text/tokenizer.hpp>
 #include <fpf/text/chat_template.hpp>
 #include <fpf/text/prompt.hpp>
+#include <fpf/compare/policies.hpp>
+#include <fpf/compare/signals.hpp>
+#include <fpf/experiment/schema.hpp>
+#include <fpf/experiment/json.hpp>
+#include <fpf/experiment/runner.hpp>
+#include <fpf/experiment/fuse.hpp>
+#include <fpf/analysis/analysis.hpp>
+#include <fpf/analysis/report.hpp>
+#include <fpf/analysis/html.hpp>
