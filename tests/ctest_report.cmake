@@ -10,6 +10,9 @@
 # Both are skipped (not failed) when chromium, or python3 with numpy, is missing: scripts/install-deps.sh --report
 # installs chromium.
 if(NOT CMAKE_SCRIPT_MODE_FILE)
+  if(NOT TARGET fpf-compare)  # programs not built (FPF_BUILD_EXAMPLES=OFF)
+    return()
+  endif()
   set(_fpf_report_args
     -DFPF_COMPARE=$<TARGET_FILE:fpf-compare>
     -DFIXTURE=${CMAKE_CURRENT_SOURCE_DIR}/fixtures/experiment/two_hardware.json
