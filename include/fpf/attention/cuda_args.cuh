@@ -1,0 +1,43 @@
+#pragma once
+// What the CUDA attention kernels read: a batch of query rows, each belonging to one sequence and sitting at one
+// absolute position; row r sees keys 0..row_pos[r] of its own sequence's cache (causal, never another sequence's:
+// each sequence has its own cache, so a batch has no padding that could leak). Caches are [capacity,
+// num_kv_heads * head_dim] in T; query head h reads KV head h / (num_heads / num_kv_heads) (GQA).
+#include <cstddef>
+#include <cstdint>
+
+#include <fpf/backend/cuda/common.cuh>
+#include <fpf/backend/cuda/ops.cuh>
+
+namespace fpf::attn {
+
+template <class T>
+struct CudaArgs {
+  const T* q = nullptr;           // row r, head h at q + r * q_stride + h * head_dim
+  std::size_t q_stride = 0;
+  T* const* kcache = nullptr;     // device array: sequence -> key cache
+  T* const* vcache = nullptr;     // device array: sequence -> value cache
+  const std::int32_t* row_seq = nullptr;
+  const std::int32_t* row_pos = nullptr;
+  int rows = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int max_keys = 0;               // max over rows of row_pos + 1 (host-side, for sizing)
+  float scale = 0.0f;
+  T* out = nullptr;               // [rows, num_heads * head_dim]
+  // Device scratch for the split-keys decode path (split_scratch_floats() floats); null: no split.
+  float* scratch = nullptr;
+};
+
+// Decode (few rows, long caches) splits each row's keys into chunks of kSplitKeys processed by separate blocks, then
+// combines the chunks in chunk order (flash-decoding for Flash; for Eager the scores are materialized in global
+// memory and P.V is summed per chunk, then over chunks). Used when rows <= kSplitMaxRows and scratch is given.
+inline constexpr int kSplitKeys = 128;
+inline constexpr int kSplitMaxRows = 8;
+__host__ __device__ inline std::size_t split_chunks(int max_keys) { return static_cast<std::size_t>((max_keys + kSplitKeys - 1) / kSplitKeys); }
+inline std::size_t split_scratch_floats(int rows, int num_heads, int head_dim, int max_keys) {
+  return static_cast<std::size_t>(rows) * num_heads * (static_cast<std::size_t>(max_keys) + split_chunks(max_keys) * (head_dim + 2));
+}
+
+template <class A>
+struct Cuda;  // Cuda<Policy>::run<T>(args, stream): the policy's CUDA kernel (eager.cuh, flash.cuh)
+
+}  // namespace fpf::attn

@@ -1,0 +1,533 @@
+#pragma once
+// cuda::Backend: the Qwen3 / Qwen3-MoE forward on one NVIDIA GPU, behind the same Model interface as cpu::Backend
+// (reset(batch), forward(chunks, taps) -> Captured per sequence), so fpf::Engine drives both the same way.
+//
+// Storage type T = float (fp32 mode, for parity with the CPU reference), bf16 or fp16; every op accumulates in fp32
+// and rounds its output once to T. Ops: cuBLASLt for the dense products (gemm.cuh: algorithm pinned per shape,
+// no split-K, no TF32; <= 8 rows go to a warp-per-output GEMV), own kernels for the rest (ops.cuh), the attention
+// policy's CUDA kernel (attention/cuda.cuh).
+//
+// Batching: the rows of all sequences are concatenated (no padding); each row carries its sequence and absolute
+// position, and each sequence has its own KV cache, so a row can only ever see its own sequence's keys. What batch
+// neighbours can change is the shape of the products (the number of rows, the tokens routed to each expert), hence
+// the algorithm cuBLASLt runs for them: that is the batch-size effect experiment 1 measures.
+//
+// MoE: the router (softmax over all experts in fp32, top-k ties to the lower id, optional renormalisation) runs on
+// the GPU; with at most 8 rows the selected experts run as per-slot GEMVs; with more, the slots are grouped by
+// expert (a stable counting sort on the host: ascending expert, then ascending slot) and each expert's rows run as
+// one product. The weighted sum over a row's experts is taken in ascending expert id, as the CPU reference.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <variant>
+#include <vector>
+
+#include <fpf/attention/cuda.cuh>
+#include <fpf/backend/cpu/backend.hpp>  // Chunk, Captured
+#include <fpf/backend/cuda/common.cuh>
+#include <fpf/backend/cuda/gemm.cuh>
+#include <fpf/backend/cuda/ops.cuh>
+#include <fpf/core/error.hpp>
+#include <fpf/engine/options.hpp>
+#include <fpf/io/config.hpp>
+#include <fpf/io/safetensors.hpp>
+#include <fpf/model/qwen3.hpp>
+#include <fpf/model/rope.hpp>
+#include <fpf/model/weights.hpp>
+#include <fpf/quant/dense.hpp>
+#include <fpf/taps/capture.hpp>
+
+namespace fpf::cuda {
+
+struct Backend {
+  static constexpr std::string_view name = "cuda";
+  template <class S>
+  class Model;
+};
+
+// Throws unless a CUDA device is usable; returns its name.
+inline std::string require_device() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0)
+    throw Error("--backend cuda", std::string("no usable CUDA device (") + (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")");
+  cudaDeviceProp p{};
+  FPF_CUDA(cudaGetDeviceProperties(&p, 0));
+  return p.name;
+}
+
+namespace detail {
+
+// FPF_CUDA_PROFILE=1: synchronizes after each stage of the forward and prints where the time went (one line per
+// forward to stderr). Off by default (no synchronisation, no output).
+class StageTimer {
+ public:
+  StageTimer() : on_(std::getenv("FPF_CUDA_PROFILE") != nullptr && std::string(std::getenv("FPF_CUDA_PROFILE")) != "0") {}
+  void start() {
+    if (!on_) return;
+    FPF_CUDA(cudaDeviceSynchronize());
+    ms_.clear();
+    t_ = t0_ = std::chrono::steady_clock::now();
+  }
+  void mark(const char* stage) {
+    if (!on_) return;
+    FPF_CUDA(cudaDeviceSynchronize());
+    const auto now = std::chrono::steady_clock::now();
+    ms_[stage] += std::chrono::duration<double, std::milli>(now - t_).count();
+    t_ = now;
+  }
+  void report(int rows) {
+    if (!on_) return;
+    std::fprintf(stderr, "[fpf cuda profile] rows %d: total %.2f ms:", rows,
+                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count());
+    for (const auto& [k, v] : ms_) std::fprintf(stderr, " %s %.2f", k.c_str(), v);
+    std::fprintf(stderr, "\n");
+  }
+
+ private:
+  bool on_;
+  std::chrono::steady_clock::time_point t0_, t_;
+  std::map<std::string, double> ms_;
+};
+
+// Copies a checkpoint tensor's elements [offset, offset + count) to dst as T (exact when widening).
+class Uploader {
+ public:
+  template <class T>
+  void operator()(const io::TensorInfo& t, std::size_t offset, std::size_t count, T* dst) {
+    const std::size_t es = dtype_size(t.dtype);
+    const std::byte* src = t.bytes.data() + offset * es;
+    if (t.dtype == dtype_of<T>()) {
+      FPF_CUDA(cudaMemcpy(dst, src, count * es, cudaMemcpyHostToDevice));
+      return;
+    }
+    constexpr std::size_t kChunk = 64u << 20;  // bytes staged per conversion
+    staging_.resize(kChunk);
+    const std::size_t per = kChunk / es;
+    for (std::size_t done = 0; done < count; done += per) {
+      const std::size_t n = std::min(per, count - done);
+      FPF_CUDA(cudaMemcpy(staging_.get(), src + done * es, n * es, cudaMemcpyHostToDevice));
+      ops::convert<T>(staging_.get(), t.dtype, dst + done, n);
+    }
+    FPF_CUDA(cudaDeviceSynchronize());
+  }
+
+ private:
+  DeviceBuffer<std::byte> staging_;
+};
+
+template <class T>
+struct LayerW {
+  DeviceBuffer<float> input_norm, post_norm, q_norm, k_norm;
+  DeviceBuffer<T> qkv, o;      // [q_dim + 2 kv_dim, H], [H, q_dim]
+  bool moe = false;
+  DeviceBuffer<T> gate_up, down;  // dense: [2I, H], [H, I]; MoE: [E, 2I, H], [E, H, I] (gate rows first)
+  DeviceBuffer<T> router;         // [E, H]
+};
+
+// The whole model for one storage type and one attention policy.
+template <class Attention, class T>
+class Impl {
+ public:
+  Impl(const io::Checkpoint& ckpt, const io::ModelConfig& cfg) : cfg_(cfg) {
+    load(ckpt);
+    const std::vector<float> inv = model::rope_inv_freq(cfg.rope_theta, cfg.head_dim);
+    inv_freq_.upload(inv);
+  }
+
+  void reset(int batch) {
+    seqs_.resize(static_cast<std::size_t>(batch));
+    for (Seq& s : seqs_) s.len = 0;
+    batch_ = batch;
+  }
+
+  std::vector<Captured> forward(std::span<const Chunk> chunks, const taps::TapSpec& spec) {
+    if (static_cast<int>(chunks.size()) != batch_) throw Error("forward", "batch size changed without reset()");
+    const int B = batch_, H = cfg_.hidden_size, D = cfg_.head_dim, nh = cfg_.num_attention_heads,
+              nkv = cfg_.num_key_value_heads;
+    const int q_dim = nh * D, kv_dim = nkv * D, qkv_dim = q_dim + 2 * kv_dim;
+    const float eps = static_cast<float>(cfg_.rms_norm_eps);
+    const long long V = cfg_.vocab_size;
+
+    // ---- rows: every sequence's new tokens, concatenated ----
+    std::vector<std::int32_t> ids, row_seq, row_pos, cap_rows;
+    std::vector<int> p0(B), c0(B), first_row(B);
+    int max_keys = 0;
+    for (int b = 0; b < B; ++b) {
+      const Chunk& c = chunks[static_cast<std::size_t>(b)];
+      const int Tn = static_cast<int>(c.tokens.size());
+      p0[b] = seqs_[b].len;
+      c0[b] = std::clamp(c.capture_from - p0[b], 0, std::max(Tn - 1, 0));
+      first_row[b] = static_cast<int>(ids.size());
+      for (int t = 0; t < Tn; ++t) {
+        const std::int32_t id = c.tokens[static_cast<std::size_t>(t)];
+        if (id < 0 || id >= cfg_.vocab_size)
+          throw Error("prompt", "token id " + std::to_string(id) + " is outside the vocabulary (vocab_size " +
+                                    std::to_string(cfg_.vocab_size) + ")");
+        if (t >= c0[b]) cap_rows.push_back(static_cast<std::int32_t>(ids.size()));
+        ids.push_back(id);
+        row_seq.push_back(b);
+        row_pos.push_back(p0[b] + t);
+      }
+      max_keys = std::max(max_keys, p0[b] + Tn);
+      ensure_capacity(seqs_[b], p0[b] + Tn);
+    }
+    upload_cache_tables();
+    const int R = static_cast<int>(ids.size()), Nc = static_cast<int>(cap_rows.size());
+    if (R == 0) throw Error("forward", "no tokens given");
+    {
+      std::vector<std::int32_t> meta;
+      meta.reserve(3 * R + Nc);
+      meta.insert(meta.end(), ids.begin(), ids.end());
+      meta.insert(meta.end(), row_seq.begin(), row_seq.end());
+      meta.insert(meta.end(), row_pos.begin(), row_pos.end());
+      meta.insert(meta.end(), cap_rows.begin(), cap_rows.end());
+      meta_.resize(meta.size());
+      meta_.upload(meta.data(), meta.size());
+    }
+    const std::int32_t* d_ids = meta_.get();
+    const std::int32_t* d_seq = d_ids + R;
+    const std::int32_t* d_pos = d_seq + R;
+    const std::int32_t* d_cap = d_pos + R;
+
+    const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
+    const int I = cfg_.intermediate_size, Ie = cfg_.moe_intermediate_size;
+    const std::size_t P = static_cast<std::size_t>(R) * std::max(k, 1);
+    x_.resize(static_cast<std::size_t>(R) * H);
+    h_.resize(static_cast<std::size_t>(R) * H);
+    tmp_.resize(static_cast<std::size_t>(R) * H);
+    qkv_.resize(static_cast<std::size_t>(R) * qkv_dim);
+    att_.resize(static_cast<std::size_t>(R) * q_dim);
+    gu_.resize(std::max<std::size_t>(static_cast<std::size_t>(R) * 2 * I, P * 2 * Ie) + 1);
+    act_.resize(std::max<std::size_t>(static_cast<std::size_t>(R) * I, P * Ie) + 1);
+    if (cfg_.is_moe()) {
+      ye_.resize(P * H);
+      xg_.resize(P * H);
+      rlogits_.resize(static_cast<std::size_t>(R) * E);
+      route_ids_.resize(3 * P);
+      route_wts_.resize(P);
+    }
+    const std::set<int> tapped(spec.layers.begin(), spec.layers.end());
+    const std::size_t tap_block = static_cast<std::size_t>(Nc) * (H + kv_dim);
+    stage_.resize(tapped.size() * tap_block + 1);
+    hc_.resize(static_cast<std::size_t>(Nc) * H);
+    logits_.resize(static_cast<std::size_t>(Nc) * V);
+    top_.resize(static_cast<std::size_t>(Nc) * (spec.topk + 1));
+    top_lp_.resize(static_cast<std::size_t>(Nc) * spec.topk);
+
+    timer_.start();
+    ops::embed<T>(d_ids, R, embed_.get(), x_.get(), H);
+    int li = 0;
+    for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+      LayerW<T>& L = layers_[static_cast<std::size_t>(l)];
+      ops::rmsnorm<T>(x_.get(), nullptr, L.input_norm.get(), h_.get(), R, H, eps);
+      gemm_.linear<T>(h_.get(), R, L.qkv.get(), qkv_dim, H, qkv_.get());
+      timer_.mark("norm+qkv");
+      T* const* kc = kptr_.get() + static_cast<std::size_t>(l) * B;
+      T* const* vc = vptr_.get() + static_cast<std::size_t>(l) * B;
+      ops::qk_norm_rope<T>(qkv_.get(), d_seq, d_pos, R, L.q_norm.get(), L.k_norm.get(), inv_freq_.get(), kc, vc, nh, nkv,
+                           D, eps);
+      attn::CudaArgs<T> a;
+      a.q = qkv_.get();
+      a.q_stride = static_cast<std::size_t>(qkv_dim);
+      a.kcache = kc;
+      a.vcache = vc;
+      a.row_seq = d_seq;
+      a.row_pos = d_pos;
+      a.rows = R;
+      a.num_heads = nh;
+      a.num_kv_heads = nkv;
+      a.head_dim = D;
+      a.max_keys = max_keys;
+      a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+      a.out = att_.get();
+      if (R <= attn::kSplitMaxRows) {  // decode: split each row's keys over many blocks
+        attn_scratch_.resize(attn::split_scratch_floats(R, nh, D, max_keys));
+        a.scratch = attn_scratch_.get();
+      }
+      timer_.mark("qknorm_rope");
+      attn::Cuda<Attention>::template run<T>(a);
+      timer_.mark("attention");
+      gemm_.linear<T>(att_.get(), R, L.o.get(), H, q_dim, tmp_.get());
+      ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H);
+      ops::rmsnorm<T>(x_.get(), nullptr, L.post_norm.get(), h_.get(), R, H, eps);
+      timer_.mark("o+norm");
+      if (!L.moe) {
+        gemm_.linear<T>(h_.get(), R, L.gate_up.get(), 2 * I, H, gu_.get());
+        ops::swiglu<T>(gu_.get(), act_.get(), R, I);
+        gemm_.linear<T>(act_.get(), R, L.down.get(), H, I, tmp_.get());
+        ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H);
+      } else {
+        moe(L, R);
+      }
+      timer_.mark("mlp/moe");
+      if (tapped.count(l + 1)) {
+        float* st = stage_.get() + static_cast<std::size_t>(li) * tap_block;
+        ops::rows_to_f32<T>(x_.get(), d_cap, Nc, H, 0, H, st);
+        ops::rows_to_f32<T>(qkv_.get(), d_cap, Nc, qkv_dim, q_dim, kv_dim, st + static_cast<std::size_t>(Nc) * H);
+        ++li;
+      }
+    }
+    ops::rmsnorm<T>(x_.get(), d_cap, final_norm_.get(), hc_.get(), Nc, H, eps);
+    gemm_.linear<T>(hc_.get(), Nc, lm_head(), static_cast<int>(V), H, logits_.get());
+    std::int32_t* d_top = top_.get();
+    std::int32_t* d_arg = d_top + static_cast<std::size_t>(Nc) * spec.topk;
+    ops::log_softmax_topk<T>(logits_.get(), Nc, V, spec.topk, d_top, top_lp_.get(), d_arg);
+
+    timer_.mark("taps+head");
+    timer_.report(R);
+    const std::vector<float> stage = stage_.download(tapped.size() * tap_block);
+    const std::vector<std::int32_t> top = top_.download(static_cast<std::size_t>(Nc) * (spec.topk + 1));
+    const std::vector<float> top_lp = top_lp_.download(static_cast<std::size_t>(Nc) * spec.topk);
+
+    std::vector<Captured> out(static_cast<std::size_t>(B));
+    int ci = 0;
+    for (int b = 0; b < B; ++b) {
+      const int Tn = static_cast<int>(chunks[static_cast<std::size_t>(b)].tokens.size());
+      for (int t = c0[b]; t < Tn; ++t, ++ci) {
+        taps::PositionSignals& ps = out[static_cast<std::size_t>(b)][p0[b] + t];
+        int lj = 0;
+        for (int layer : tapped) {
+          const float* st = stage.data() + static_cast<std::size_t>(lj++) * tap_block;
+          ps.hidden[layer].assign(st + static_cast<std::size_t>(ci) * H, st + static_cast<std::size_t>(ci + 1) * H);
+          const float* ks = st + static_cast<std::size_t>(Nc) * H;
+          ps.keys[layer].assign(ks + static_cast<std::size_t>(ci) * kv_dim, ks + static_cast<std::size_t>(ci + 1) * kv_dim);
+        }
+        ps.logprobs.token_ids.assign(top.begin() + static_cast<std::ptrdiff_t>(ci) * spec.topk,
+                                     top.begin() + static_cast<std::ptrdiff_t>(ci + 1) * spec.topk);
+        ps.logprobs.log_probs.assign(top_lp.begin() + static_cast<std::ptrdiff_t>(ci) * spec.topk,
+                                     top_lp.begin() + static_cast<std::ptrdiff_t>(ci + 1) * spec.topk);
+        ps.argmax = top[static_cast<std::size_t>(Nc) * spec.topk + static_cast<std::size_t>(ci)];
+      }
+      seqs_[b].len += Tn;
+    }
+    return out;
+  }
+
+ private:
+  struct Seq {
+    std::vector<DeviceBuffer<T>> k, v;  // per layer: [capacity, kv_dim]
+    int len = 0, capacity = 0;
+  };
+
+  const T* lm_head() const { return cfg_.tie_word_embeddings ? embed_.get() : lm_head_.get(); }
+
+  // Grows a sequence's caches (keeping their contents) so that `need` positions fit.
+  void ensure_capacity(Seq& s, int need) {
+    if (need <= s.capacity && !s.k.empty()) return;
+    const int cap = (need + 256 + 255) / 256 * 256;
+    const std::size_t kv_dim = static_cast<std::size_t>(cfg_.num_key_value_heads) * cfg_.head_dim;
+    const std::size_t L = static_cast<std::size_t>(cfg_.num_hidden_layers);
+    s.k.resize(L);
+    s.v.resize(L);
+    for (std::size_t l = 0; l < L; ++l)
+      for (DeviceBuffer<T>* buf : {&s.k[l], &s.v[l]}) {
+        DeviceBuffer<T> grown(static_cast<std::size_t>(cap) * kv_dim);
+        if (s.len > 0) FPF_CUDA(cudaMemcpy(grown.get(), buf->get(), static_cast<std::size_t>(s.len) * kv_dim * sizeof(T), cudaMemcpyDeviceToDevice));
+        *buf = std::move(grown);
+      }
+    s.capacity = cap;
+    tables_dirty_ = true;
+  }
+
+  void upload_cache_tables() {
+    const std::size_t L = static_cast<std::size_t>(cfg_.num_hidden_layers), B = static_cast<std::size_t>(batch_);
+    if (!tables_dirty_ && kptr_.size() >= L * B && table_batch_ == batch_) return;
+    std::vector<T*> kp(L * B), vp(L * B);
+    for (std::size_t l = 0; l < L; ++l)
+      for (std::size_t b = 0; b < B; ++b) kp[l * B + b] = seqs_[b].k[l].get(), vp[l * B + b] = seqs_[b].v[l].get();
+    kptr_.resize(L * B);
+    vptr_.resize(L * B);
+    kptr_.upload(kp.data(), kp.size());
+    vptr_.upload(vp.data(), vp.size());
+    tables_dirty_ = false;
+    table_batch_ = batch_;
+  }
+
+  void moe(LayerW<T>& L, int R) {
+    const int H = cfg_.hidden_size, E = cfg_.num_experts, k = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size;
+    const int P = R * k;
+    gemm_.linear<T>(h_.get(), R, L.router.get(), E, H, rlogits_.get());
+    std::int32_t* d_ids = route_ids_.get();
+    ops::router<T>(rlogits_.get(), R, E, k, cfg_.norm_topk_prob, d_ids, route_wts_.get());
+    timer_.mark("moe router");
+    if (R <= ops::kGemvMaxRows) {
+      ops::moe_gemv<T>(h_.get(), k, L.gate_up.get(), d_ids, P, 2 * I, H, gu_.get());
+      ops::swiglu<T>(gu_.get(), act_.get(), P, I);
+      ops::moe_gemv<T>(act_.get(), 1, L.down.get(), d_ids, P, H, I, ye_.get());
+      ops::moe_combine<T>(x_.get(), ye_.get(), nullptr, route_wts_.get(), R, k, H);
+      return;
+    }
+    // Group the slots by expert: a stable counting sort (ascending expert, then ascending slot).
+    const std::vector<std::int32_t> sel = route_ids_.download(static_cast<std::size_t>(P));
+    std::vector<int> count(static_cast<std::size_t>(E) + 1, 0);
+    for (std::int32_t e : sel) ++count[static_cast<std::size_t>(e) + 1];
+    for (int e = 0; e < E; ++e) count[e + 1] += count[e];
+    std::vector<std::int32_t> perm_and_slot(2 * static_cast<std::size_t>(P));
+    std::vector<int> fill(count.begin(), count.end() - 1);
+    for (int p = 0; p < P; ++p) {
+      const int at = fill[sel[static_cast<std::size_t>(p)]]++;
+      perm_and_slot[static_cast<std::size_t>(at)] = p;           // grouped position -> slot
+      perm_and_slot[static_cast<std::size_t>(P + p)] = at;       // slot -> grouped position
+    }
+    std::int32_t* d_perm = d_ids + P;
+    FPF_CUDA(cudaMemcpy(d_perm, perm_and_slot.data(), perm_and_slot.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+    ops::gather<T>(h_.get(), d_perm, k, P, xg_.get(), H);
+    timer_.mark("moe group");
+    const std::size_t gu_stride = static_cast<std::size_t>(2) * I * H, down_stride = static_cast<std::size_t>(H) * I;
+    for (int e = 0; e < E; ++e) {
+      const int n = count[e + 1] - count[e];
+      if (n == 0) continue;
+      const std::size_t off = static_cast<std::size_t>(count[e]);
+      gemm_.linear<T>(xg_.get() + off * H, n, L.gate_up.get() + e * gu_stride, 2 * I, H, gu_.get() + off * 2 * I);
+    }
+    timer_.mark("moe gate_up");
+    ops::swiglu<T>(gu_.get(), act_.get(), P, I);
+    for (int e = 0; e < E; ++e) {
+      const int n = count[e + 1] - count[e];
+      if (n == 0) continue;
+      const std::size_t off = static_cast<std::size_t>(count[e]);
+      gemm_.linear<T>(act_.get() + off * I, n, L.down.get() + e * down_stride, H, I, ye_.get() + off * H);
+    }
+    timer_.mark("moe down");
+    ops::moe_combine<T>(x_.get(), ye_.get(), d_perm + P, route_wts_.get(), R, k, H);
+  }
+
+  void load(const io::Checkpoint& ckpt) {
+    model::WeightReader r(ckpt, cfg_);
+    Uploader up;
+    const std::int64_t H = cfg_.hidden_size, V = cfg_.vocab_size, D = cfg_.head_dim;
+    const std::int64_t nq = std::int64_t{cfg_.num_attention_heads} * D, nkv = std::int64_t{cfg_.num_key_value_heads} * D;
+    auto whole = [&](auto& buf, const std::string& name, std::vector<std::int64_t> shape) {
+      const io::TensorInfo& t = r.tensor(name, shape);
+      using E = std::remove_pointer_t<decltype(buf.get())>;
+      buf.resize(static_cast<std::size_t>(t.numel()));
+      up.template operator()<E>(t, 0, static_cast<std::size_t>(t.numel()), buf.get());
+    };
+    // A Linear's weight [out, in] into dst (the Quant policy's tensor name; only quant::Dense on the GPU so far).
+    auto linear_into = [&](T* dst, const std::string& module, std::int64_t out, std::int64_t in) {
+      const io::TensorInfo& t = r.tensor(module + ".weight", {out, in});
+      up.template operator()<T>(t, 0, static_cast<std::size_t>(out * in), dst);
+    };
+    whole(embed_, "model.embed_tokens.weight", {V, H});
+    whole(final_norm_, "model.norm.weight", {H});
+    std::set<std::string> ignorable{"model.rotary_emb.inv_freq"};
+    if (cfg_.tie_word_embeddings) {
+      ignorable.insert("lm_head.weight");
+    } else {
+      lm_head_.resize(static_cast<std::size_t>(V * H));
+      linear_into(lm_head_.get(), "lm_head", V, H);
+    }
+    layers_.resize(static_cast<std::size_t>(cfg_.num_hidden_layers));
+    for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+      LayerW<T>& L = layers_[static_cast<std::size_t>(l)];
+      const std::string p = model::layer_prefix(l);
+      whole(L.input_norm, p + ".input_layernorm.weight", {H});
+      whole(L.post_norm, p + ".post_attention_layernorm.weight", {H});
+      whole(L.q_norm, p + ".self_attn.q_norm.weight", {D});
+      whole(L.k_norm, p + ".self_attn.k_norm.weight", {D});
+      L.qkv.resize(static_cast<std::size_t>((nq + 2 * nkv) * H));
+      linear_into(L.qkv.get(), p + ".self_attn.q_proj", nq, H);
+      linear_into(L.qkv.get() + nq * H, p + ".self_attn.k_proj", nkv, H);
+      linear_into(L.qkv.get() + (nq + nkv) * H, p + ".self_attn.v_proj", nkv, H);
+      L.o.resize(static_cast<std::size_t>(H * nq));
+      linear_into(L.o.get(), p + ".self_attn.o_proj", H, nq);
+      L.moe = cfg_.is_moe_layer(l);
+      if (!L.moe) {
+        const std::int64_t I = cfg_.intermediate_size;
+        L.gate_up.resize(static_cast<std::size_t>(2 * I * H));
+        L.down.resize(static_cast<std::size_t>(H * I));
+        linear_into(L.gate_up.get(), p + ".mlp.gate_proj", I, H);
+        linear_into(L.gate_up.get() + I * H, p + ".mlp.up_proj", I, H);
+        linear_into(L.down.get(), p + ".mlp.down_proj", H, I);
+        continue;
+      }
+      const std::int64_t E = cfg_.num_experts, I = cfg_.moe_intermediate_size;
+      {
+        const io::TensorInfo& t = r.tensor(p + ".mlp.gate.weight", {E, H});
+        L.router.resize(static_cast<std::size_t>(E * H));
+        up.template operator()<T>(t, 0, static_cast<std::size_t>(E * H), L.router.get());
+      }
+      L.gate_up.resize(static_cast<std::size_t>(E * 2 * I * H));
+      L.down.resize(static_cast<std::size_t>(E * H * I));
+      const std::string fused_gu = p + ".mlp.experts.gate_up_proj", fused_down = p + ".mlp.experts.down_proj";
+      if (r.has(fused_gu) && !r.has(p + ".mlp.experts.0.gate_proj.weight")) {
+        const io::TensorInfo& gu = r.tensor(fused_gu, {E, 2 * I, H});
+        up.template operator()<T>(gu, 0, static_cast<std::size_t>(E * 2 * I * H), L.gate_up.get());
+        const io::TensorInfo& dn = r.tensor(fused_down, {E, H, I});
+        up.template operator()<T>(dn, 0, static_cast<std::size_t>(E * H * I), L.down.get());
+      } else {
+        for (std::int64_t e = 0; e < E; ++e) {
+          const std::string x = p + ".mlp.experts." + std::to_string(e);
+          linear_into(L.gate_up.get() + e * 2 * I * H, x + ".gate_proj", I, H);
+          linear_into(L.gate_up.get() + e * 2 * I * H + I * H, x + ".up_proj", I, H);
+          linear_into(L.down.get() + e * H * I, x + ".down_proj", H, I);
+        }
+      }
+    }
+    r.check_all_used(ignorable);
+    FPF_CUDA(cudaDeviceSynchronize());
+  }
+
+  io::ModelConfig cfg_;
+  StageTimer timer_;
+  Gemm gemm_;
+  DeviceBuffer<T> embed_, lm_head_;
+  DeviceBuffer<float> final_norm_, inv_freq_;
+  std::vector<LayerW<T>> layers_;
+  std::vector<Seq> seqs_;
+  int batch_ = 0, table_batch_ = -1;
+  bool tables_dirty_ = true;
+  DeviceBuffer<T*> kptr_, vptr_;
+  DeviceBuffer<std::int32_t> meta_, route_ids_, top_;
+  DeviceBuffer<float> route_wts_, stage_, top_lp_, attn_scratch_;
+  DeviceBuffer<T> x_, h_, tmp_, qkv_, att_, gu_, act_, ye_, xg_, rlogits_, hc_, logits_;
+};
+
+}  // namespace detail
+
+template <class S>
+class Backend::Model {
+  using Attention = typename S::attention;
+  static_assert(std::is_same_v<typename S::quant, quant::Dense>, "the CUDA backend reads dense weights only so far");
+
+ public:
+  Model(const io::Checkpoint& ckpt, const io::ModelConfig& cfg, const EngineOptions& opts) : cfg_(cfg) {
+    device_ = require_device();
+    switch (opts.precision) {
+      case Precision::fp32: impl_ = std::make_unique<detail::Impl<Attention, float>>(ckpt, cfg); break;
+      case Precision::bf16: impl_ = std::make_unique<detail::Impl<Attention, bf16>>(ckpt, cfg); break;
+      case Precision::fp16: impl_ = std::make_unique<detail::Impl<Attention, fp16>>(ckpt, cfg); break;
+    }
+  }
+
+  const io::ModelConfig& config() const { return cfg_; }
+  const std::string& device() const { return device_; }
+
+  void reset(int batch) {
+    std::visit([&](auto& m) { m->reset(batch); }, impl_);
+  }
+  std::vector<Captured> forward(std::span<const Chunk> chunks, const taps::TapSpec& spec) {
+    return std::visit([&](auto& m) { return m->forward(chunks, spec); }, impl_);
+  }
+
+ private:
+  io::ModelConfig cfg_;
+  std::string device_;
+  std::variant<std::unique_ptr<detail::Impl<Attention, float>>, std::unique_ptr<detail::Impl<Attention, bf16>>,
+               std::unique_ptr<detail::Impl<Attention, fp16>>>
+      impl_;
+};
+
+}  // namespace fpf::cuda

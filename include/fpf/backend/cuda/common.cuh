@@ -1,0 +1,140 @@
+#pragma once
+// CUDA plumbing shared by the backend's kernels: error checks that name the call, an owning device buffer, and the
+// element types the backend computes in (fp32, bf16, fp16 storage; every op accumulates in fp32).
+//
+// Floating-point contraction: nvcc fuses a*b+c into FMA by default (--fmad=true) and fpf keeps that default for
+// CUDA code. The GPU is never expected to be bit-identical to the CPU reference (its reduction orders differ
+// anyway); it must be bit-identical to itself, which FMA does not endanger (the same SASS runs every time), and it
+// must stay within the parity tolerances (1e-5 relative per op in fp32), which the tests in tests/cuda check.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <fpf/core/dtype.hpp>
+#include <fpf/core/error.hpp>
+
+namespace fpf::cuda {
+
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw Error("cuda", std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+}
+#define FPF_CUDA(call) ::fpf::cuda::check((call), #call)
+// After a kernel launch: launch errors at once (no synchronisation).
+#define FPF_CUDA_LAUNCH(what) ::fpf::cuda::check(cudaGetLastError(), what)
+
+using bf16 = __nv_bfloat16;
+using fp16 = __half;
+
+// The storage type's dtype, for conversions and messages.
+template <class T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::F32; }
+template <> constexpr DType dtype_of<bf16>() { return DType::BF16; }
+template <> constexpr DType dtype_of<fp16>() { return DType::F16; }
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(fp16 x) { return __half2float(x); }
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ fp16 from_f<fp16>(float x) { return __float2half_rn(x); }
+
+// An owning, move-only device allocation of n elements of T (cudaMalloc, never managed memory).
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(std::size_t n) { resize(n); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+  }
+  ~DeviceBuffer() { release(); }
+
+  // Drops the contents; reallocates only when growing.
+  void resize(std::size_t n) {
+    if (n <= n_ && p_ != nullptr) return;
+    release();
+    if (n == 0) return;
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, n * sizeof(T));
+    if (e != cudaSuccess)
+      throw Error("cuda", "cudaMalloc of " + std::to_string(n * sizeof(T)) + " bytes failed: " + cudaGetErrorString(e));
+    p_ = static_cast<T*>(p);
+    n_ = n;
+  }
+  void upload(const T* host, std::size_t n, std::size_t offset = 0) {
+    FPF_CUDA(cudaMemcpy(p_ + offset, host, n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  void upload(const std::vector<T>& host) {
+    resize(host.size());
+    upload(host.data(), host.size());
+  }
+  std::vector<T> download(std::size_t n) const {
+    std::vector<T> out(n);
+    if (n) FPF_CUDA(cudaMemcpy(out.data(), p_, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return out;
+  }
+  T* get() const { return p_; }
+  std::size_t size() const { return n_; }
+
+ private:
+  void release() noexcept {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+// ---- block / warp reductions with one fixed order (butterfly within a warp, then warp 0 over the warp sums) ----
+template <class V>
+__device__ __forceinline__ V warp_sum(V v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result. scratch: 32 V.
+template <class V>
+__device__ __forceinline__ V block_sum(V v, V* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  V t = lane < nw ? scratch[lane] : V(0);
+  t = warp_sum(t);
+  return t;
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? scratch[lane] : -INFINITY;
+  return warp_max(t);
+}
+
+inline unsigned blocks_for(std::size_t n, unsigned threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+}  // namespace fpf::cuda

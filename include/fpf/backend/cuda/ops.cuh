@@ -1,0 +1,445 @@
+#pragma once
+// The CUDA backend's own kernels, one per op of the forward pass, each with a host launcher. Every kernel reads and
+// writes the storage type T (float, bf16 or fp16) and computes in fp32 (double where the CPU reference does), with
+// one fixed reduction order per op: no atomics, no order that depends on timing, so a launch with the same inputs
+// and the same shapes gives the same bits every time. Each op is tested against its CPU reference
+// (backend/cpu/ops.hpp) in tests/cuda/test_cuda_ops.cu.
+#include <cstdint>
+
+#include <fpf/backend/cuda/common.cuh>
+
+namespace fpf::cuda::ops {
+
+// ---------------------------------------------------------------------------------------------------------------
+// dtype conversion (weights arrive as F32/BF16/F16 bytes; widening is exact, narrowing rounds to nearest even)
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void k_convert(const void* __restrict__ src, int src_dtype, T* __restrict__ dst, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n; i += std::size_t{gridDim.x} * blockDim.x) {
+    float v;
+    if (src_dtype == static_cast<int>(DType::F32)) v = static_cast<const float*>(src)[i];
+    else if (src_dtype == static_cast<int>(DType::BF16)) v = __bfloat162float(static_cast<const bf16*>(src)[i]);
+    else v = __half2float(static_cast<const fp16*>(src)[i]);
+    dst[i] = from_f<T>(v);
+  }
+}
+template <class T>
+void convert(const void* src, DType src_dtype, T* dst, std::size_t n, cudaStream_t s = 0) {
+  if (n == 0) return;
+  k_convert<T><<<std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, s>>>(src, static_cast<int>(src_dtype), dst, n);
+  FPF_CUDA_LAUNCH("convert");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// embedding gather: x[r] = table[ids[r]]
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void k_embed(const std::int32_t* __restrict__ ids, const T* __restrict__ table, T* __restrict__ x, int H) {
+  const std::size_t r = blockIdx.x;
+  const T* src = table + static_cast<std::size_t>(ids[r]) * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = src[i];
+}
+template <class T>
+void embed(const std::int32_t* ids, int rows, const T* table, T* x, int H, cudaStream_t s = 0) {
+  if (rows == 0) return;
+  k_embed<T><<<rows, 256, 0, s>>>(ids, table, x, H);
+  FPF_CUDA_LAUNCH("embed");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)); the mean of squares in double as the CPU reference. Optional row
+// map: row r of y is row rows[r] of x.
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restrict__ rows, const float* __restrict__ w,
+                          T* __restrict__ y, int n, float eps) {
+  __shared__ double scratch[32];
+  const std::size_t src = rows ? static_cast<std::size_t>(rows[blockIdx.x]) : blockIdx.x;
+  const T* xr = x + src * n;
+  double ss = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const double v = to_f(xr[i]);
+    ss += v * v;
+  }
+  ss = block_sum(ss, scratch);
+  const float mean = static_cast<float>(ss / static_cast<double>(n));
+  const float inv = 1.0f / sqrtf(mean + eps);
+  T* yr = y + static_cast<std::size_t>(blockIdx.x) * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
+}
+template <class T>
+void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nrows, int n, float eps, cudaStream_t s = 0) {
+  if (nrows == 0) return;
+  k_rmsnorm<T><<<nrows, 256, 0, s>>>(x, rows, w, y, n, eps);
+  FPF_CUDA_LAUNCH("rmsnorm");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-head q/k RMSNorm + RoPE (rotate_half), and the KV-cache store. qkv rows are [q heads | k heads | v heads];
+// q and k are normalized and rotated in place; k and v are also written to the row's sequence cache at its
+// absolute position. One warp per (row, head); grid (rows, nh + nkv).
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void k_qk_norm_rope(T* __restrict__ qkv, const std::int32_t* __restrict__ row_seq,
+                               const std::int32_t* __restrict__ row_pos, const float* __restrict__ q_norm,
+                               const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
+                               T* const* __restrict__ kcache, T* const* __restrict__ vcache, int nh, int nkv, int D,
+                               float eps) {
+  const int r = blockIdx.x, hd = blockIdx.y, lane = threadIdx.x, half = D / 2;
+  const int q_dim = nh * D, kv_dim = nkv * D;
+  T* row = qkv + static_cast<std::size_t>(r) * (q_dim + 2 * kv_dim);
+  const bool is_q = hd < nh;
+  T* x = is_q ? row + hd * D : row + q_dim + (hd - nh) * D;
+  const float* w = is_q ? q_norm : k_norm;
+  double ss = 0.0;
+  for (int i = lane; i < D; i += 32) {
+    const double v = to_f(x[i]);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  const float mean = static_cast<float>(ss / static_cast<double>(D));
+  const float inv = 1.0f / sqrtf(mean + eps);
+  const float pos = static_cast<float>(row_pos[r]);
+  for (int i = lane; i < half; i += 32) {
+    const float x1 = w[i] * (to_f(x[i]) * inv), x2 = w[i + half] * (to_f(x[i + half]) * inv);
+    const float angle = pos * inv_freq[i];
+    const float c = cosf(angle), s = sinf(angle);
+    x[i] = from_f<T>(x1 * c - x2 * s);
+    x[i + half] = from_f<T>(x2 * c + x1 * s);
+  }
+  if (is_q) return;
+  __syncwarp();
+  const int kvh = hd - nh;
+  const std::size_t at = static_cast<std::size_t>(row_pos[r]) * kv_dim + kvh * D;
+  T* kc = kcache[row_seq[r]] + at;
+  T* vc = vcache[row_seq[r]] + at;
+  const T* v = row + q_dim + kv_dim + kvh * D;
+  for (int i = lane; i < D; i += 32) kc[i] = x[i], vc[i] = v[i];
+}
+template <class T>
+void qk_norm_rope(T* qkv, const std::int32_t* row_seq, const std::int32_t* row_pos, int rows, const float* q_norm,
+                  const float* k_norm, const float* inv_freq, T* const* kcache, T* const* vcache, int nh, int nkv, int D,
+                  float eps, cudaStream_t s = 0) {
+  if (rows == 0) return;
+  k_qk_norm_rope<T><<<dim3(rows, nh + nkv), 32, 0, s>>>(qkv, row_seq, row_pos, q_norm, k_norm, inv_freq, kcache, vcache,
+                                                        nh, nkv, D, eps);
+  FPF_CUDA_LAUNCH("qk_norm_rope");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// x += y (the residual add; rounded once to T)
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void k_add(T* __restrict__ x, const T* __restrict__ y, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n; i += std::size_t{gridDim.x} * blockDim.x)
+    x[i] = from_f<T>(to_f(x[i]) + to_f(y[i]));
+}
+template <class T>
+void add(T* x, const T* y, std::size_t n, cudaStream_t s = 0) {
+  if (n == 0) return;
+  k_add<T><<<std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, s>>>(x, y, n);
+  FPF_CUDA_LAUNCH("add");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SwiGLU activation: a[r, i] = silu(gu[r, i]) * gu[r, I + i] (gate rows first, as gate_up_proj)
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void k_swiglu(const T* __restrict__ gu, T* __restrict__ a, std::size_t rows, int I) {
+  const std::size_t n = rows * I;
+  for (std::size_t idx = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; idx < n; idx += std::size_t{gridDim.x} * blockDim.x) {
+    const std::size_t r = idx / I, i = idx % I;
+    const float g = to_f(gu[r * 2 * I + i]), u = to_f(gu[r * 2 * I + I + i]);
+    a[idx] = from_f<T>(g / (1.0f + expf(-g)) * u);
+  }
+}
+template <class T>
+void swiglu(const T* gu, T* a, std::size_t rows, int I, cudaStream_t s = 0) {
+  if (rows == 0) return;
+  k_swiglu<T><<<std::min<unsigned>(blocks_for(rows * I, 256), 65535u), 256, 0, s>>>(gu, a, rows, I);
+  FPF_CUDA_LAUNCH("swiglu");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Router: softmax over E experts in fp32, top-k (ties to the lower expert id), optional renormalisation (the sum
+// taken in selection order, as the CPU reference), output sorted by expert id ascending (the order the outputs
+// are summed in). One warp per row; smem E floats.
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, std::int32_t* __restrict__ ids,
+                         float* __restrict__ wts) {
+  extern __shared__ float p[];
+  __shared__ int sel[64];
+  __shared__ float selw[64];
+  const int r = blockIdx.x, lane = threadIdx.x;
+  const T* x = logits + static_cast<std::size_t>(r) * E;
+  float m = -INFINITY;
+  for (int e = lane; e < E; e += 32) m = fmaxf(m, to_f(x[e]));
+  m = warp_max(m);
+  float sum = 0.0f;
+  for (int e = lane; e < E; e += 32) sum += (p[e] = expf(to_f(x[e]) - m));
+  sum = warp_sum(sum);
+  for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
+  __syncwarp();
+  for (int s = 0; s < k; ++s) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int e = lane; e < E; e += 32) {
+      bool taken = false;
+      for (int t = 0; t < s; ++t) taken |= sel[t] == e;
+      if (!taken && (p[e] > bv || (p[e] == bv && e < bi))) bv = p[e], bi = e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+    }
+    if (lane == 0) sel[s] = bi, selw[s] = bv;
+    __syncwarp();
+  }
+  if (lane == 0) {
+    if (norm) {
+      float tot = 0.0f;
+      for (int s = 0; s < k; ++s) tot += selw[s];
+      for (int s = 0; s < k; ++s) selw[s] /= tot;
+    }
+    for (int s = 1; s < k; ++s)  // insertion sort by expert id
+      for (int t = s; t > 0 && sel[t] < sel[t - 1]; --t) {
+        const int i = sel[t]; sel[t] = sel[t - 1]; sel[t - 1] = i;
+        const float w = selw[t]; selw[t] = selw[t - 1]; selw[t - 1] = w;
+      }
+    for (int s = 0; s < k; ++s) ids[r * k + s] = sel[s], wts[r * k + s] = selw[s];
+  }
+}
+template <class T>
+void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* ids, float* wts, cudaStream_t s = 0) {
+  if (rows == 0) return;
+  if (k > 64) throw Error("config.json: num_experts_per_tok", "the CUDA router supports at most 64");
+  k_router<T><<<rows, 32, E * sizeof(float), s>>>(logits, E, k, norm ? 1 : 0, ids, wts);
+  FPF_CUDA_LAUNCH("router");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// MoE combine + residual: y = sum_s wts[r,s] * ye[slot(r,s)] in slot order (expert id ascending), then
+// x[r] += T(y). slot(r,s) = slot_row[r*k+s], or r*k+s when slot_row is null.
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void k_moe_combine(T* __restrict__ x, const T* __restrict__ ye, const std::int32_t* __restrict__ slot_row,
+                              const float* __restrict__ wts, int k, int H) {
+  const int r = blockIdx.x;
+  for (int j = threadIdx.x; j < H; j += blockDim.x) {
+    float y = 0.0f;
+    for (int s = 0; s < k; ++s) {
+      const std::size_t row = slot_row ? slot_row[r * k + s] : static_cast<std::size_t>(r) * k + s;
+      y += to_f(ye[row * H + j]) * wts[r * k + s];
+    }
+    T* xr = x + static_cast<std::size_t>(r) * H;
+    xr[j] = from_f<T>(to_f(xr[j]) + to_f(from_f<T>(y)));
+  }
+}
+template <class T>
+void moe_combine(T* x, const T* ye, const std::int32_t* slot_row, const float* wts, int rows, int k, int H, cudaStream_t s = 0) {
+  if (rows == 0) return;
+  k_moe_combine<T><<<rows, 256, 0, s>>>(x, ye, slot_row, wts, k, H);
+  FPF_CUDA_LAUNCH("moe_combine");
+}
+
+// dst[i] = src[rows[i]] (rows of n elements); src_div: rows[i] / src_div is the source row (token of a slot).
+template <class T>
+__global__ void k_gather(const T* __restrict__ src, const std::int32_t* __restrict__ rows, int src_div, T* __restrict__ dst, int n) {
+  const std::size_t from = rows[blockIdx.x] / src_div;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) dst[static_cast<std::size_t>(blockIdx.x) * n + j] = src[from * n + j];
+}
+template <class T>
+void gather(const T* src, const std::int32_t* rows, int src_div, int nrows, T* dst, int n, cudaStream_t s = 0) {
+  if (nrows == 0) return;
+  k_gather<T><<<nrows, 256, 0, s>>>(src, rows, src_div, dst, n);
+  FPF_CUDA_LAUNCH("gather");
+}
+
+// Converts rows of T to fp32 (taps): dst[i] = float(src[rows[i] * stride + col0 .. + n])
+template <class T>
+__global__ void k_rows_to_f32(const T* __restrict__ src, const std::int32_t* __restrict__ rows, std::size_t stride, int col0,
+                              int n, float* __restrict__ dst) {
+  const T* s = src + static_cast<std::size_t>(rows[blockIdx.x]) * stride + col0;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) dst[static_cast<std::size_t>(blockIdx.x) * n + j] = to_f(s[j]);
+}
+template <class T>
+void rows_to_f32(const T* src, const std::int32_t* rows, int nrows, std::size_t stride, int col0, int n, float* dst,
+                 cudaStream_t s = 0) {
+  if (nrows == 0) return;
+  k_rows_to_f32<T><<<nrows, 128, 0, s>>>(src, rows, stride, col0, n, dst);
+  FPF_CUDA_LAUNCH("rows_to_f32");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small-M matrix-vector products (decode): one warp per output row n; each lane walks its 16-byte chunks of the
+// row in order, then a butterfly sums the lanes. Y[m, n] = sum_k X[m, k] W[n, k]; W row-major [N, K].
+// ---------------------------------------------------------------------------------------------------------------
+template <class T>
+struct Vec {
+  static constexpr int n = 16 / sizeof(T);
+  T v[n];
+};
+
+template <class T, int M, bool Vectorized>
+__device__ __forceinline__ void dot_rows(const T* __restrict__ w, const T* __restrict__ x, std::size_t x_stride, int K,
+                                         float (&acc)[M]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  if constexpr (Vectorized) {
+    constexpr int V = Vec<T>::n;
+    const int chunks = K / V;
+    for (int c = lane; c < chunks; c += 32) {
+      const Vec<T> wv = reinterpret_cast<const Vec<T>*>(w)[c];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const Vec<T> xv = reinterpret_cast<const Vec<T>*>(x + m * x_stride)[c];
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[m] += to_f(wv.v[i]) * to_f(xv.v[i]);
+      }
+    }
+  } else {
+    for (int i = lane; i < K; i += 32) {
+      const float wv = to_f(w[i]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m] += wv * to_f(x[m * x_stride + i]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+}
+
+template <class T, int M, bool Vectorized>
+__global__ void k_gemv(const T* __restrict__ X, const T* __restrict__ W, int N, int K, T* __restrict__ Y) {
+  const int n = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  float acc[M];
+  dot_rows<T, M, Vectorized>(W + static_cast<std::size_t>(n) * K, X, K, K, acc);
+  if ((threadIdx.x & 31) == 0)
+#pragma unroll
+    for (int m = 0; m < M; ++m) Y[static_cast<std::size_t>(m) * N + n] = from_f<T>(acc[m]);
+}
+
+template <class T>
+bool vectorizable(const void* a, const void* b, int K) {
+  return K % Vec<T>::n == 0 && reinterpret_cast<std::uintptr_t>(a) % 16 == 0 && reinterpret_cast<std::uintptr_t>(b) % 16 == 0;
+}
+
+inline constexpr int kGemvMaxRows = 8;
+
+template <class T, int M>
+void gemv_m(const T* X, const T* W, int N, int K, T* Y, cudaStream_t s) {
+  const unsigned blocks = blocks_for(static_cast<std::size_t>(N), 8);
+  if (vectorizable<T>(X, W, K)) k_gemv<T, M, true><<<blocks, 256, 0, s>>>(X, W, N, K, Y);
+  else k_gemv<T, M, false><<<blocks, 256, 0, s>>>(X, W, N, K, Y);
+  FPF_CUDA_LAUNCH("gemv");
+}
+
+// Y[M, N] = X[M, K] W[N, K]^T for M <= kGemvMaxRows.
+template <class T>
+void gemv(const T* X, int M, const T* W, int N, int K, T* Y, cudaStream_t s = 0) {
+  switch (M) {
+    case 0: return;
+    case 1: return gemv_m<T, 1>(X, W, N, K, Y, s);
+    case 2: return gemv_m<T, 2>(X, W, N, K, Y, s);
+    case 3: return gemv_m<T, 3>(X, W, N, K, Y, s);
+    case 4: return gemv_m<T, 4>(X, W, N, K, Y, s);
+    case 5: return gemv_m<T, 5>(X, W, N, K, Y, s);
+    case 6: return gemv_m<T, 6>(X, W, N, K, Y, s);
+    case 7: return gemv_m<T, 7>(X, W, N, K, Y, s);
+    case 8: return gemv_m<T, 8>(X, W, N, K, Y, s);
+    default: throw Error("gemv", "at most " + std::to_string(kGemvMaxRows) + " rows");
+  }
+}
+
+// Per-slot expert products (decode MoE): for slot p, Y[p] = W[ids[p]] X[p / x_div]; W is [E, N, K].
+template <class T, bool Vectorized>
+__global__ void k_moe_gemv(const T* __restrict__ X, int x_div, const T* __restrict__ W, const std::int32_t* __restrict__ ids,
+                           int N, int K, T* __restrict__ Y) {
+  const int p = blockIdx.y;
+  const int n = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const T* w = W + (static_cast<std::size_t>(ids[p]) * N + n) * K;
+  float acc[1];
+  dot_rows<T, 1, Vectorized>(w, X + static_cast<std::size_t>(p / x_div) * K, K, K, acc);
+  if ((threadIdx.x & 31) == 0) Y[static_cast<std::size_t>(p) * N + n] = from_f<T>(acc[0]);
+}
+template <class T>
+void moe_gemv(const T* X, int x_div, const T* W, const std::int32_t* ids, int slots, int N, int K, T* Y, cudaStream_t s = 0) {
+  if (slots == 0) return;
+  const dim3 grid(blocks_for(static_cast<std::size_t>(N), 8), slots);
+  if (vectorizable<T>(X, W, K) && (static_cast<std::size_t>(N) * K) % Vec<T>::n == 0)
+    k_moe_gemv<T, true><<<grid, 256, 0, s>>>(X, x_div, W, ids, N, K, Y);
+  else
+    k_moe_gemv<T, false><<<grid, 256, 0, s>>>(X, x_div, W, ids, N, K, Y);
+  FPF_CUDA_LAUNCH("moe_gemv");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// log_softmax over the full vocabulary + top-k + argmax, one block per row. lp = (x - max) - log(sum exp(x - max)),
+// the sum in double (as the CPU reference); top-k by lp descending, ties to the lower id; argmax over the logits,
+// first maximum.
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void better(float& bv, int& bi, float v, int i) {
+  if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+}
+__device__ __forceinline__ void block_best(float& bv, int& bi, float* sv, int* si) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+  __syncthreads();
+  if (lane == 0) sv[warp] = bv, si[warp] = bi;
+  __syncthreads();
+  bv = lane < nw ? sv[lane] : -INFINITY;
+  bi = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+}
+
+template <class T>
+__global__ void k_log_softmax_topk(const T* __restrict__ logits, long long V, int k, std::int32_t* __restrict__ top_ids,
+                                   float* __restrict__ top_lp, std::int32_t* __restrict__ argmax) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  __shared__ double sd[32];
+  __shared__ int chosen[256];
+  const T* x = logits + static_cast<std::size_t>(blockIdx.x) * V;
+  float bv = -INFINITY;
+  int bi = 0x7fffffff;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) better(bv, bi, to_f(x[i]), i);
+  block_best(bv, bi, sv, si);
+  const float m = bv;
+  if (threadIdx.x == 0) argmax[blockIdx.x] = bi;
+  double sum = 0.0;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += exp(static_cast<double>(to_f(x[i]) - m));
+  sum = block_sum(sum, sd);
+  const float logsum = static_cast<float>(log(sum));
+  for (int s = 0; s < k; ++s) {
+    bv = -INFINITY, bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      bool taken = false;
+      for (int t = 0; t < s; ++t) taken |= chosen[t] == i;
+      if (!taken) better(bv, bi, (to_f(x[i]) - m) - logsum, i);
+    }
+    block_best(bv, bi, sv, si);
+    if (threadIdx.x == 0) {
+      chosen[s] = bi;
+      top_ids[blockIdx.x * k + s] = bi;
+      top_lp[blockIdx.x * k + s] = bv;
+    }
+    __syncthreads();
+  }
+}
+template <class T>
+void log_softmax_topk(const T* logits, int rows, long long V, int k, std::int32_t* top_ids, float* top_lp,
+                      std::int32_t* argmax, cudaStream_t s = 0) {
+  if (rows == 0) return;
+  if (k > 256) throw Error("--topk", "the CUDA backend supports at most 256");
+  k_log_softmax_topk<T><<<rows, 1024, 0, s>>>(logits, V, k, top_ids, top_lp, argmax);
+  FPF_CUDA_LAUNCH("log_softmax_topk");
+}
+
+}  // namespace fpf::cuda::ops

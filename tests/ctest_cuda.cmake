@@ -1,0 +1,21 @@
+# GPU tests (tests/cuda/*.cu): one doctest binary, registered with CTest under the label "cuda". Built whenever
+# FPF_WITH_CUDA is on (CI compiles it: nvcc exists there), run only on a machine with a GPU:
+#   ctest -L cuda        (the device machine)      ctest -LE cuda   (CI)
+# Tests are registered by name, not discovered (discovery would run the binary at build time).
+if(FPF_WITH_CUDA)
+  # CMake < 3.26 does not know nvcc's C++20 flag (the root asks for CUDA_STANDARD 20): name it, as newer CMake does.
+  if(NOT DEFINED CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+    set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+  endif()
+  file(GLOB _fpf_cuda_tests CONFIGURE_DEPENDS ${CMAKE_CURRENT_LIST_DIR}/cuda/*.cu)
+  add_executable(fpf_cuda_tests ${_fpf_cuda_tests})
+  target_link_libraries(fpf_cuda_tests PRIVATE fpf::fpf doctest::doctest CUDA::cudart CUDA::cublasLt)
+  target_compile_definitions(fpf_cuda_tests PRIVATE FPF_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+  foreach(_case IN ITEMS "cuda ops fp32*" "cuda ops bf16*" "cuda ops fp16*" "cuda engine fp32*" "cuda engine: a sequence*"
+                         "cuda engine bf16*")
+    string(REGEX REPLACE "[^a-z0-9]+" "_" _name "${_case}")
+    add_test(NAME cuda.${_name} COMMAND fpf_cuda_tests "--test-case=${_case}" WORKING_DIRECTORY ${PROJECT_BINARY_DIR})
+    set_tests_properties(cuda.${_name} PROPERTIES LABELS "cuda" TIMEOUT 600)
+  endforeach()
+endif()

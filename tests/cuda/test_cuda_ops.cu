@@ -1,0 +1,351 @@
+// Every CUDA op against its CPU reference (backend/cpu/ops.hpp, attention.hpp, rope.hpp) on fresh random inputs:
+// fp32 within 1e-5 relative L2, bf16/fp16 within the storage type's unit roundoff (cuda_test_util.cuh says why);
+// outputs poisoned before each launch, and each launch repeated to check it is bit-identical to itself.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include <fpf/attention/attention.hpp>
+#include <fpf/attention/cuda.cuh>
+#include <fpf/backend/cpu/ops.hpp>
+#include <fpf/backend/cuda/gemm.cuh>
+#include <fpf/backend/cuda/ops.cuh>
+#include <fpf/model/rope.hpp>
+#include <fpf/taps/capture.hpp>
+
+#include "cuda_test_util.cuh"
+
+using namespace fpf;
+using namespace fpf::cuda;
+using namespace fpf::cuda::testing;
+
+namespace {
+
+template <class T>
+void poison(DeviceBuffer<T>& d) {
+  FPF_CUDA(cudaMemset(d.get(), 0xff, d.size() * sizeof(T)));  // NaN in every float type
+}
+
+template <class T>
+std::vector<T> raw(const DeviceBuffer<T>& d, std::size_t n) {
+  FPF_CUDA(cudaDeviceSynchronize());
+  return d.download(n);
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+template <class T>
+void test_rmsnorm(int rows, int n, std::uint32_t seed) {
+  std::vector<float> x = randn(static_cast<std::size_t>(rows) * n, seed, 3.0f), w = randn(n, seed + 1);
+  const auto xt = round_to<T>(x);
+  auto dx = to_device(xt);
+  auto dw = to_device(w);
+  DeviceBuffer<T> dy(x.size());
+  poison(dy);
+  ops::rmsnorm<T>(dx.get(), nullptr, dw.get(), dy.get(), rows, n, 1e-6f);
+  const auto got = to_host(dy, x.size());
+  const auto bits = raw(dy, x.size());
+  ops::rmsnorm<T>(dx.get(), nullptr, dw.get(), dy.get(), rows, n, 1e-6f);
+  CHECK(same_bits(bits, raw(dy, x.size())));
+  std::vector<float> ref(x.size());
+  for (int r = 0; r < rows; ++r) cpu::rmsnorm(x.data() + r * n, w.data(), ref.data() + r * n, n, 1e-6f);
+  const double e = rel_l2(got, ref);
+  MESSAGE("rmsnorm " << dtype_name(dtype_of<T>()) << " rows " << rows << " n " << n << ": rel L2 " << e);
+  CHECK(e <= tolerance<T>());
+}
+
+template <class T>
+void test_linear(int M, int N, int K, std::uint32_t seed, bool force_lt) {
+  static Gemm gemm;
+  std::vector<float> x = randn(static_cast<std::size_t>(M) * K, seed), w = randn(static_cast<std::size_t>(N) * K, seed + 1, 0.05f);
+  const auto xt = round_to<T>(x);
+  const auto wt = round_to<T>(w);
+  auto dx = to_device(xt);
+  auto dw = to_device(wt);
+  DeviceBuffer<T> dy(static_cast<std::size_t>(M) * N);
+  poison(dy);
+  gemm.linear<T>(dx.get(), M, dw.get(), N, K, dy.get(), 0, force_lt);
+  const auto got = to_host(dy, dy.size());
+  const auto bits = raw(dy, dy.size());
+  poison(dy);
+  gemm.linear<T>(dx.get(), M, dw.get(), N, K, dy.get(), 0, force_lt);
+  CHECK(same_bits(bits, raw(dy, dy.size())));
+  std::vector<float> ref(dy.size());
+  for (int m = 0; m < M; ++m) cpu::matvec(w.data(), x.data() + static_cast<std::size_t>(m) * K, ref.data() + static_cast<std::size_t>(m) * N, N, K);
+  const double e = rel_l2(got, ref);
+  MESSAGE("linear " << dtype_name(dtype_of<T>()) << " " << M << "x" << N << "x" << K << std::string(M <= ops::kGemvMaxRows && !force_lt ? " (gemv)" : " (cublasLt)")
+                    << ": rel L2 " << e);
+  CHECK(e <= tolerance<T>());
+}
+
+template <class T>
+void test_qk_norm_rope(std::uint32_t seed) {
+  const int rows = 5, nh = 8, nkv = 2, D = 128, q_dim = nh * D, kv_dim = nkv * D, qkv_dim = q_dim + 2 * kv_dim;
+  std::vector<float> qkv = randn(static_cast<std::size_t>(rows) * qkv_dim, seed, 2.0f);
+  std::vector<float> qn = randn(D, seed + 1), kn = randn(D, seed + 2);
+  const auto qkv_t = round_to<T>(qkv);
+  const std::vector<std::int32_t> seq{0, 0, 1, 1, 1}, pos{0, 5000, 3, 4, 17};
+  const std::vector<float> inv = model::rope_inv_freq(1e6, D);
+  auto dqkv = to_device(qkv_t);
+  auto dseq = to_device(seq);
+  auto dpos = to_device(pos);
+  auto dqn = to_device(qn);
+  auto dkn = to_device(kn);
+  auto dinv = to_device(inv);
+  const int cap = 5001;
+  DeviceBuffer<T> k0(static_cast<std::size_t>(cap) * kv_dim), k1(static_cast<std::size_t>(cap) * kv_dim),
+      v0(static_cast<std::size_t>(cap) * kv_dim), v1(static_cast<std::size_t>(cap) * kv_dim);
+  auto kt = to_device(std::vector<T*>{k0.get(), k1.get()});
+  auto vt = to_device(std::vector<T*>{v0.get(), v1.get()});
+  ops::qk_norm_rope<T>(dqkv.get(), dseq.get(), dpos.get(), rows, dqn.get(), dkn.get(), dinv.get(), kt.get(), vt.get(), nh, nkv, D, 1e-6f);
+  const auto got = to_host(dqkv, qkv.size());
+  std::vector<float> ref = qkv;
+  for (int r = 0; r < rows; ++r)
+    for (int h = 0; h < nh + nkv; ++h) {
+      float* x = ref.data() + static_cast<std::size_t>(r) * qkv_dim + h * D;
+      cpu::rmsnorm(x, h < nh ? qn.data() : kn.data(), x, D, 1e-6f);
+      model::apply_rope(x, inv, pos[r]);
+    }
+  const double e = rel_l2(got, ref);
+  MESSAGE("qk_norm_rope " << dtype_name(dtype_of<T>()) << ": rel L2 " << e);
+  CHECK(e <= tolerance<T>());
+  // The cache holds exactly the rotated keys and the values, at each row's position in its sequence's cache.
+  for (int r = 0; r < rows; ++r) {
+    const DeviceBuffer<T>& kc = seq[r] == 0 ? k0 : k1;
+    const DeviceBuffer<T>& vc = seq[r] == 0 ? v0 : v1;
+    std::vector<T> kr(kv_dim), vr(kv_dim);
+    FPF_CUDA(cudaMemcpy(kr.data(), kc.get() + static_cast<std::size_t>(pos[r]) * kv_dim, kv_dim * sizeof(T), cudaMemcpyDeviceToHost));
+    FPF_CUDA(cudaMemcpy(vr.data(), vc.get() + static_cast<std::size_t>(pos[r]) * kv_dim, kv_dim * sizeof(T), cudaMemcpyDeviceToHost));
+    const auto row = raw(dqkv, qkv.size());
+    CHECK(std::memcmp(kr.data(), row.data() + static_cast<std::size_t>(r) * qkv_dim + q_dim, kv_dim * sizeof(T)) == 0);
+    CHECK(std::memcmp(vr.data(), qkv_t.data() + static_cast<std::size_t>(r) * qkv_dim + q_dim + kv_dim, kv_dim * sizeof(T)) == 0);
+  }
+}
+
+// Attention over two sequences of different lengths; every cache slot a row may not see (later positions, and the
+// unused capacity) holds NaN, so any read of them would show in the output.
+template <class Policy, class T>
+void test_attention(int nh, int nkv, int D, std::uint32_t seed, bool split = false) {
+  const int kv_dim = nkv * D, q_dim = nh * D;
+  const std::vector<int> len{37, 300};
+  const int cap = 512;
+  std::vector<std::int32_t> seq, pos;
+  for (int s = 0; s < 2; ++s)
+    for (int p : {0, 1, len[s] / 2, len[s] - 1}) seq.push_back(s), pos.push_back(p);
+  const int rows = static_cast<int>(seq.size());
+  std::vector<float> q = randn(static_cast<std::size_t>(rows) * q_dim, seed, 1.0f);
+  std::vector<std::vector<float>> kh(2), vh(2);
+  std::vector<DeviceBuffer<T>> kd, vd;
+  for (int s = 0; s < 2; ++s) {
+    kh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 10 + s, 1.0f);
+    vh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 20 + s, 1.0f);
+    const auto kt = round_to<T>(kh[s]);
+    const auto vt = round_to<T>(vh[s]);
+    kd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
+    vd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
+    poison(kd.back());
+    poison(vd.back());
+    kd.back().upload(kt.data(), kt.size());
+    vd.back().upload(vt.data(), vt.size());
+  }
+  const auto qt = round_to<T>(q);
+  auto dq = to_device(qt);
+  auto dseq = to_device(seq);
+  auto dpos = to_device(pos);
+  auto kt = to_device(std::vector<T*>{kd[0].get(), kd[1].get()});
+  auto vt = to_device(std::vector<T*>{vd[0].get(), vd[1].get()});
+  DeviceBuffer<T> out(static_cast<std::size_t>(rows) * q_dim);
+  poison(out);
+  attn::CudaArgs<T> a;
+  a.q = dq.get();
+  a.q_stride = q_dim;
+  a.kcache = kt.get();
+  a.vcache = vt.get();
+  a.row_seq = dseq.get();
+  a.row_pos = dpos.get();
+  a.rows = rows;
+  a.num_heads = nh;
+  a.num_kv_heads = nkv;
+  a.head_dim = D;
+  a.max_keys = 300;
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  a.out = out.get();
+  DeviceBuffer<float> scratch(attn::split_scratch_floats(rows, nh, D, a.max_keys));
+  if (split) a.scratch = scratch.get();
+  attn::Cuda<Policy>::template run<T>(a);
+  const auto got = to_host(out, out.size());
+  const auto bits = raw(out, out.size());
+  attn::Cuda<Policy>::template run<T>(a);
+  CHECK(same_bits(bits, raw(out, out.size())));
+  std::vector<float> ref(out.size());
+  for (int r = 0; r < rows; ++r)
+    Policy::cpu(attn::CpuArgs{q.data() + static_cast<std::size_t>(r) * q_dim, kh[seq[r]].data(), vh[seq[r]].data(), pos[r] + 1, nh,
+                              nkv, D, a.scale, ref.data() + static_cast<std::size_t>(r) * q_dim});
+  const double e = rel_l2(got, ref);
+  MESSAGE("attention " << Policy::name << std::string(split ? " split-keys " : " ") << dtype_name(dtype_of<T>()) << " nh " << nh << " nkv " << nkv << " D " << D
+                       << ": rel L2 " << e);
+  CHECK(e <= tolerance<T>());
+}
+
+template <class T>
+void test_swiglu(std::uint32_t seed) {
+  const int rows = 7, I = 768;
+  std::vector<float> gu = randn(static_cast<std::size_t>(rows) * 2 * I, seed, 3.0f);
+  const auto gut = round_to<T>(gu);
+  auto d = to_device(gut);
+  DeviceBuffer<T> a(static_cast<std::size_t>(rows) * I);
+  poison(a);
+  ops::swiglu<T>(d.get(), a.get(), rows, I);
+  const auto got = to_host(a, a.size());
+  std::vector<float> ref(a.size());
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < I; ++i) ref[r * I + i] = cpu::silu(gu[r * 2 * I + i]) * gu[r * 2 * I + I + i];
+  const double e = rel_l2(got, ref);
+  MESSAGE("swiglu " << dtype_name(dtype_of<T>()) << ": rel L2 " << e);
+  CHECK(e <= tolerance<T>());
+}
+
+template <class T>
+void test_router(int E, int k, bool norm, std::uint32_t seed) {
+  const int rows = 9;
+  std::vector<float> lg = randn(static_cast<std::size_t>(rows) * E, seed, 2.0f);
+  const auto lgt = round_to<T>(lg);
+  auto d = to_device(lgt);
+  DeviceBuffer<std::int32_t> ids(static_cast<std::size_t>(rows) * k);
+  DeviceBuffer<float> wts(static_cast<std::size_t>(rows) * k);
+  ops::router<T>(d.get(), rows, E, k, norm, ids.get(), wts.get());
+  FPF_CUDA(cudaDeviceSynchronize());
+  const auto gi = ids.download(ids.size());
+  const auto gw = wts.download(wts.size());
+  std::vector<float> rw, gws;
+  for (int r = 0; r < rows; ++r) {
+    std::vector<float> p(lg.begin() + r * E, lg.begin() + (r + 1) * E);
+    cpu::softmax(p.data(), p.size());
+    std::vector<std::int32_t> top = cpu::topk_indices(p, k);
+    std::vector<float> w;
+    float sum = 0;
+    for (auto t : top) sum += p[t], w.push_back(p[t]);
+    if (norm)
+      for (float& v : w) v /= sum;
+    std::vector<std::size_t> order(k);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](auto a, auto b) { return top[a] < top[b]; });
+    for (int s = 0; s < k; ++s) {
+      CHECK(gi[r * k + s] == top[order[s]]);
+      rw.push_back(w[order[s]]);
+      gws.push_back(gw[r * k + s]);
+    }
+  }
+  const double e = rel_l2(gws, rw);
+  MESSAGE("router " << dtype_name(dtype_of<T>()) << " E " << E << " k " << k << std::string(norm ? " norm" : "") << ": weights rel L2 " << e);
+  CHECK(e <= 1e-5);  // softmax and weights are fp32 whatever T
+}
+
+template <class T>
+void test_moe_gemv_combine(std::uint32_t seed) {
+  const int R = 3, k = 4, E = 6, N = 96, K = 64;
+  std::vector<float> x = randn(static_cast<std::size_t>(R) * K, seed), w = randn(static_cast<std::size_t>(E) * N * K, seed + 1, 0.1f);
+  const auto xt = round_to<T>(x);
+  const auto wt = round_to<T>(w);
+  const std::vector<std::int32_t> ids{0, 2, 3, 5, 1, 2, 4, 5, 0, 1, 2, 3};
+  auto dx = to_device(xt);
+  auto dw = to_device(wt);
+  auto di = to_device(ids);
+  DeviceBuffer<T> y(static_cast<std::size_t>(R) * k * N);
+  poison(y);
+  ops::moe_gemv<T>(dx.get(), k, dw.get(), di.get(), R * k, N, K, y.get());
+  const auto got = to_host(y, y.size());
+  std::vector<float> ref(y.size());
+  for (int p = 0; p < R * k; ++p) cpu::matvec(w.data() + static_cast<std::size_t>(ids[p]) * N * K, x.data() + (p / k) * K, ref.data() + p * N, N, K);
+  const double e = rel_l2(got, ref);
+  MESSAGE("moe_gemv " << dtype_name(dtype_of<T>()) << ": rel L2 " << e);
+  CHECK(e <= tolerance<T>());
+  // combine + residual: x_res[r] += sum_s wts * ye[slot] in slot order
+  const int H = N;
+  std::vector<float> res = randn(static_cast<std::size_t>(R) * H, seed + 5), wts = randn(static_cast<std::size_t>(R) * k, seed + 6, 0.3f);
+  const auto rest = round_to<T>(res);
+  auto dres = to_device(rest);
+  auto dwts = to_device(wts);
+  std::vector<float> yr = got;  // ye exactly as the device holds it
+  ops::moe_combine<T>(dres.get(), y.get(), nullptr, dwts.get(), R, k, H);
+  const auto gotc = to_host(dres, res.size());
+  std::vector<float> refc(res.size());
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < H; ++j) {
+      float acc = 0;
+      for (int s = 0; s < k; ++s) acc += yr[(r * k + s) * H + j] * wts[r * k + s];
+      refc[r * H + j] = res[r * H + j] + to_host_f(to_t<T>(acc));
+    }
+  const double ec = rel_l2(gotc, refc);
+  MESSAGE("moe_combine " << dtype_name(dtype_of<T>()) << ": rel L2 " << ec);
+  CHECK(ec <= tolerance<T>());
+}
+
+template <class T>
+void test_log_softmax_topk(long long V, int topk, std::uint32_t seed) {
+  const int rows = 3;
+  std::vector<float> lg = randn(static_cast<std::size_t>(rows * V), seed, 4.0f);
+  lg[5] = lg[7] = 30.0f;  // a tie at the top: the lower id first
+  const auto lgt = round_to<T>(lg);
+  auto d = to_device(lgt);
+  DeviceBuffer<std::int32_t> ids(static_cast<std::size_t>(rows) * topk), am(rows);
+  DeviceBuffer<float> lp(static_cast<std::size_t>(rows) * topk);
+  ops::log_softmax_topk<T>(d.get(), rows, V, topk, ids.get(), lp.get(), am.get());
+  FPF_CUDA(cudaDeviceSynchronize());
+  const auto gi = ids.download(ids.size());
+  const auto gl = lp.download(lp.size());
+  const auto ga = am.download(rows);
+  std::vector<float> rl, gls;
+  for (int r = 0; r < rows; ++r) {
+    taps::PositionSignals ps;
+    taps::set_logits(ps, std::span<const float>(lg.data() + r * V, static_cast<std::size_t>(V)), topk);
+    CHECK(ga[r] == ps.argmax);
+    for (int s = 0; s < topk; ++s) {
+      CHECK(gi[r * topk + s] == ps.logprobs.token_ids[s]);
+      rl.push_back(ps.logprobs.log_probs[s]);
+      gls.push_back(gl[r * topk + s]);
+    }
+  }
+  const double e = rel_l2(gls, rl);
+  MESSAGE("log_softmax_topk " << dtype_name(dtype_of<T>()) << " V " << V << ": rel L2 " << e);
+  CHECK(e <= 1e-5);  // computed in fp32/double from the logits as stored
+}
+
+template <class T>
+void all_ops(std::uint32_t seed) {
+  test_rmsnorm<T>(5, 2048, seed);
+  test_rmsnorm<T>(3, 48, seed + 1);
+  for (int M : {1, 3, 8}) test_linear<T>(M, 1536, 2048, seed + 2 + M, false);
+  test_linear<T>(5, 100, 48, seed + 20, false);  // unaligned rows: the scalar GEMV path
+  test_linear<T>(37, 512, 2048, seed + 21, false);
+  test_linear<T>(12, 96, 48, seed + 22, false);
+  test_linear<T>(3, 64, 32, seed + 23, true);
+  test_qk_norm_rope<T>(seed + 30);
+  test_attention<attn::Eager, T>(8, 2, 128, seed + 40);
+  test_attention<attn::Flash<16>, T>(8, 2, 128, seed + 41);
+  test_attention<attn::Flash<4>, T>(4, 1, 16, seed + 42);
+  test_attention<attn::Eager, T>(4, 4, 8, seed + 43);
+  test_attention<attn::Eager, T>(8, 2, 128, seed + 44, true);
+  test_attention<attn::Flash<16>, T>(8, 2, 128, seed + 45, true);
+  test_attention<attn::Flash<4>, T>(4, 1, 16, seed + 46, true);
+  test_attention<attn::Flash<12>, T>(4, 2, 64, seed + 47, true);
+  test_attention<attn::Eager, T>(4, 4, 8, seed + 48, true);
+  test_swiglu<T>(seed + 50);
+  test_router<T>(128, 8, true, seed + 60);
+  test_router<T>(6, 3, false, seed + 61);
+  test_moe_gemv_combine<T>(seed + 70);
+  test_log_softmax_topk<T>(151936, 10, seed + 80);
+  test_log_softmax_topk<T>(384, 10, seed + 81);
+}
+
+}  // namespace
+
+TEST_CASE("cuda ops fp32 match the CPU reference within 1e-5") { all_ops<float>(1000); }
+TEST_CASE("cuda ops bf16 match the CPU reference within the bf16 unit roundoff") { all_ops<bf16>(2000); }
+TEST_CASE("cuda ops fp16 match the CPU reference within the fp16 unit roundoff") { all_ops<fp16>(3000); }
