@@ -241,3 +241,27 @@ TEST_CASE("experiment json: the scanner accepts exactly RFC 8259 JSON") {
   CHECK(t[6].f == 200.0f);
   CHECK(t[7].kind == json_detail::Kind::Bool);
 }
+
+TEST_CASE("experiment json: long number arrays (packed by the scanner) keep bits and name bad elements") {
+  ExperimentFile f = testing::synthetic_file({1}, {-1}, 40, 20, 1, 1);
+  testing::add_config(f, "A", "A", std::int64_t(1),
+                      [](Signal, int, int, int, int i) { return i == 7 ? -0.0f : 0.001f * float(i); }, 1);
+  for (int i = 0; i < 30; ++i) f.runs[0].prompt_ids.push_back(1000 + i);
+  std::string text = to_json_text(f);
+  ExperimentFile g = parse_experiment(text, "long.json");
+  CHECK(g.runs[0].prompt_ids == f.runs[0].prompt_ids);
+  CHECK(std::signbit(g.runs[0].decode_steps[0].hidden_states.at(1).at(-1)[7]));
+  CHECK(to_json_text(g) == text);
+
+  std::string big = replace_once(text, "\"pos_-1\": [0,0.001,", "\"pos_-1\": [0,1e39,");
+  CHECK(error_of([&] { parse_experiment(big, "big.json"); }) ==
+        "big.json: runs[0].decode_steps[0].hidden_states.layer_1.pos_-1[1]: number 1e39 is not representable as "
+        "float32");
+  std::string ids = replace_once(text, "\"prompt_ids\": [1000,1001,", "\"prompt_ids\": [1000,1001.5,");
+  CHECK(error_of([&] { parse_experiment(ids, "ids.json"); }) ==
+        "ids.json: runs[0].prompt_ids[1]: expected an integer, found 1001.5");
+  std::string obj = text.substr(0, text.find("\"configurations\": [")) +
+                    "\"configurations\": [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16], \"runs\": []}";
+  CHECK(error_of([&] { parse_experiment(obj, "o.json"); }) ==
+        "o.json: configurations: expected an array of objects or strings, found an array of numbers");
+}

@@ -49,7 +49,7 @@ namespace fpf::experiment {
 // =============================================================================================================
 namespace json_detail {
 
-enum class Kind : std::uint8_t { Null, Bool, Number, String, Key, Array, Object };
+enum class Kind : std::uint8_t { Null, Bool, Number, String, Key, Array, Object, NumArray };
 
 inline const char* kind_name(Kind k) {
   switch (k) {
@@ -60,26 +60,42 @@ inline const char* kind_name(Kind k) {
     case Kind::Key: return "a string";
     case Kind::Array: return "an array";
     case Kind::Object: return "an object";
+    case Kind::NumArray: return "an array";
   }
   return "?";
 }
 
-// One token. Number: a = offset, b = length of its text in Tape::numbers_text or the source. String/Key: a = index
-// into Tape::strings. Bool: a = 0/1. Array/Object: a = index one past the container's last token, b = element count.
+// One token. Number: a = offset, b = length of its text in the source, f = its float32 value. String/Key: a = index
+// into Tape::strings. Bool: a = 0/1. Array/Object: a = index one past the container's last token, b = element
+// count. NumArray (a long array of numbers, a signal vector): a = first index in Tape::floats, b = element count,
+// c = offset of its '[' in the source; it has no element tokens.
 struct Token {
   Kind kind;
-  bool float_ok = false;  // Number: f holds the text's float32 value (false: not representable)
+  bool float_ok = false;  // Number: f is the text's float32 value; NumArray: every element is a float32
   std::uint32_t a = 0;
   std::uint32_t b = 0;
   float f = 0;
+  std::uint32_t c = 0;
 };
 
 struct Tape {
   std::string_view source;
   std::vector<Token> tokens;
   std::vector<std::string> strings;
+  std::vector<float> floats;  // the values of every NumArray
 
   std::string_view number_text(const Token& t) const { return source.substr(t.a, t.b); }
+  // f(index, text) for each element of a NumArray, found again in the source (which the scanner has validated).
+  template <class F>
+  void number_texts(const Token& arr, F&& f) const {
+    const char* p = source.data() + arr.c + 1;
+    for (std::uint32_t k = 0; k < arr.b; ++k) {
+      while (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t' || *p == ',') ++p;
+      const char* start = p;
+      while ((*p >= '0' && *p <= '9') || *p == '-' || *p == '+' || *p == '.' || *p == 'e' || *p == 'E') ++p;
+      f(k, std::string_view(start, std::size_t(p - start)));
+    }
+  }
   // Index of the token after the value starting at i.
   std::uint32_t skip(std::uint32_t i) const {
     const Token& t = tokens[i];
@@ -135,6 +151,7 @@ class Scanner {
 
  private:
   static constexpr int kMaxDepth = 64;
+  static constexpr std::uint32_t kPackMin = 16;  // arrays of at least this many numbers are packed
 
   [[noreturn, gnu::cold, gnu::noinline]] void fail(const std::string& what) const {
     std::size_t line = 1, col = 1;
@@ -181,6 +198,7 @@ class Scanner {
     if (depth >= kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth));
     const bool object = kind == Kind::Object;
     const char close = object ? '}' : ']';
+    const std::uint32_t open_at = std::uint32_t(p_ - begin_);
     ++p_;
     std::uint32_t start = std::uint32_t(tape_.tokens.size());
     tape_.tokens.push_back({kind});
@@ -214,9 +232,26 @@ class Scanner {
         fail(object ? "expected ',' or '}'" : "expected ',' or ']'");
       }
     }
+    open_.pop_back();
+    if (!object && n >= kPackMin && tape_.tokens.size() == start + 1 + n && pack_numbers(start, n, open_at)) return;
     tape_.tokens[start].a = std::uint32_t(tape_.tokens.size());
     tape_.tokens[start].b = n;
-    open_.pop_back();
+  }
+
+  // A long array of numbers (a signal vector) becomes one NumArray token with its values in Tape::floats; the
+  // element tokens are dropped again, so the tape stays small and in cache (reading is memory-bound otherwise).
+  bool pack_numbers(std::uint32_t start, std::uint32_t n, std::uint32_t open_at) {
+    auto& tk = tape_.tokens;
+    bool all_float = true;
+    for (std::size_t i = start + 1; i < tk.size(); ++i) {
+      if (tk[i].kind != Kind::Number) return false;
+      all_float = all_float && tk[i].float_ok;
+    }
+    Token arr{Kind::NumArray, all_float, std::uint32_t(tape_.floats.size()), n, 0, open_at};
+    for (std::size_t i = start + 1; i < tk.size(); ++i) tape_.floats.push_back(tk[i].f);
+    tk.resize(start);
+    tk.push_back(arr);
+    return true;
   }
 
   void literal(std::string_view word, Token t) {
@@ -392,7 +427,7 @@ class Node {
     throw Error(p.empty() ? *file_ : *file_ + ": " + p, what);
   }
   void expect(Kind k) const {
-    if (kind() != k && !(k == Kind::String && kind() == Kind::Key))
+    if (kind() != k && !(k == Kind::String && kind() == Kind::Key) && !(k == Kind::Array && kind() == Kind::NumArray))
       fail(std::string("expected ") + kind_name(k) + ", found " + kind_name(kind()));
   }
 
@@ -421,15 +456,17 @@ class Node {
     }
   }
   // f(std::size_t index, const Node& value) for each element.
+  // (A long number array has no element nodes: read it with floats() or ints().)
   template <class F>
   void items(F&& f) const {
+    if (kind() == Kind::NumArray) fail("expected an array of objects or strings, found an array of numbers");
     expect(Kind::Array);
     std::size_t n = 0;
     for (std::uint32_t i = tok_ + 1; i < tok().a; i = tape_->skip(i), ++n)
       f(n, Node(*tape_, *file_, i, PathLink{&link_, {}, std::int64_t(n)}));
   }
   std::size_t size() const {
-    if (kind() != Kind::Array && kind() != Kind::Object) expect(Kind::Array);
+    if (kind() != Kind::Array && kind() != Kind::Object && kind() != Kind::NumArray) expect(Kind::Array);
     return tok().b;
   }
 
@@ -465,6 +502,18 @@ class Node {
   // An array of float32 values, each parsed from its own text (bit-exact).
   void floats(std::vector<float>& out) const {
     expect(Kind::Array);
+    if (kind() == Kind::NumArray) {
+      const Token& t = tok();
+      if (!t.float_ok)
+        tape_->number_texts(t, [&](std::uint32_t k, std::string_view s) {
+          float v;
+          auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+          if (ec != std::errc() || p != s.data() + s.size()) element(k).fail("number " + std::string(s) +
+                                                                             " is not representable as float32");
+        });
+      out.assign(tape_->floats.begin() + t.a, tape_->floats.begin() + t.a + t.b);
+      return;
+    }
     out.resize(tok().b);
     std::size_t n = 0;
     for (std::uint32_t i = tok_ + 1; i < tok().a; i = tape_->skip(i), ++n) {
@@ -480,11 +529,22 @@ class Node {
   void ints(std::vector<std::int32_t>& out) const {
     out.clear();
     out.reserve(size());
+    if (kind() == Kind::NumArray) {
+      tape_->number_texts(tok(), [&](std::uint32_t k, std::string_view s) {
+        std::int32_t v = 0;
+        auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+        if (ec != std::errc() || p != s.data() + s.size()) element(k).fail("expected an integer, found " + std::string(s));
+        out.push_back(v);
+      });
+      return;
+    }
     items([&](std::size_t, const Node& v) { out.push_back(v.integer<std::int32_t>()); });
   }
 
  private:
   const Token& tok() const { return tape_->tokens[tok_]; }
+  // A NumArray element, for error messages (it names the element's path; its token is the array's).
+  Node element(std::uint32_t k) const { return Node(*tape_, *file_, tok_, PathLink{&link_, {}, std::int64_t(k)}); }
   const Tape* tape_;
   const std::string* file_;
   std::uint32_t tok_;
@@ -506,7 +566,8 @@ inline std::unique_ptr<Document> parse_document(std::string text, std::string fi
   if (doc->text.size() >= std::numeric_limits<std::uint32_t>::max())
     throw Error(doc->file, "file larger than 4 GiB is not supported");
   doc->tape.source = doc->text;
-  doc->tape.tokens.reserve(doc->text.size() / 9);
+  doc->tape.tokens.reserve(4096);
+  doc->tape.floats.reserve(doc->text.size() / 10);
   Scanner(doc->tape, doc->text, doc->file).document();
   return doc;
 }
@@ -520,16 +581,17 @@ inline int to_int(const Node& n) { return n.integer<int>(); }
 
 inline ExtractionConfig read_extraction(const Node& n) {
   ExtractionConfig e;
-  n.at("layers").items([&](std::size_t, const Node& v) {
-    int k = to_int(v);
-    if (k < 1) v.fail("layers are 1-based block indices, got " + std::to_string(k));
-    e.layers.push_back(k);
-  });
-  n.at("positions").items([&](std::size_t, const Node& v) {
-    int p = to_int(v);
-    if (p >= 0) v.fail("positions count from the end and are negative, got " + std::to_string(p));
-    e.positions.push_back(p);
-  });
+  std::vector<std::int32_t> v;
+  Node layers = n.at("layers");
+  layers.ints(v);
+  for (int k : v)
+    if (k < 1) layers.fail("layers are 1-based block indices, got " + std::to_string(k));
+  e.layers.assign(v.begin(), v.end());
+  Node positions = n.at("positions");
+  positions.ints(v);
+  for (int p : v)
+    if (p >= 0) positions.fail("positions count from the end and are negative, got " + std::to_string(p));
+  e.positions.assign(v.begin(), v.end());
   auto positive = [&](const char* key) {
     Node v = n.at(key);
     int x = to_int(v);
