@@ -240,6 +240,16 @@ TEST_CASE("experiment json: the scanner accepts exactly RFC 8259 JSON") {
   CHECK(t[5].f == 1.5e-3f);
   CHECK(t[6].f == 200.0f);
   CHECK(t[7].kind == json_detail::Kind::Bool);
+
+  // exactly halfway between two floats: ties to even; just above halfway: up
+  auto one = [](const std::string& num) { return json_detail::parse_document("[" + num + "]", "h.json")->tape.tokens[1].f; };
+  CHECK(one("16777217") == 16777216.0f);
+  CHECK(one("16777219") == 16777220.0f);
+  CHECK(one("16777217.000000001") == 16777218.0f);
+  CHECK(one("1.000000059604644775390625") == 1.0f);  // 1 + 2^-24
+  CHECK(one("0.30000001") == 0.3f);
+  CHECK(one("-0.0") == 0.0f);
+  CHECK(std::signbit(one("-0.0")));
 }
 
 TEST_CASE("experiment json: long number arrays (packed by the scanner) keep bits and name bad elements") {
@@ -264,4 +274,47 @@ TEST_CASE("experiment json: long number arrays (packed by the scanner) keep bits
                     "\"configurations\": [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16], \"runs\": []}";
   CHECK(error_of([&] { parse_experiment(obj, "o.json"); }) ==
         "o.json: configurations: expected an array of objects or strings, found an array of numbers");
+}
+
+TEST_CASE("experiment json: the scanner's float conversion equals std::from_chars on a million decimals") {
+  // Shortest forms of random float bits, plus longer and odd spellings of random doubles (more digits than a
+  // float needs, exponents, leading zeros in fractions), each converted by the scanner (fast path or not) and by
+  // from_chars directly.
+  std::mt19937_64 rng(7);
+  std::string text = "[";
+  std::vector<std::string> numbers;
+  char buf[64];
+  while (numbers.size() < 1000000) {
+    std::uint64_t r = rng();
+    float f = std::bit_cast<float>(std::uint32_t(r));
+    if (std::isfinite(f)) numbers.emplace_back(buf, std::to_chars(buf, buf + sizeof buf, f).ptr);
+    std::uint64_t r2 = rng();
+    double d = std::ldexp(double(r2 >> 11) / double(1ull << 53), int(r2 % 300) - 150) * (r2 & 1024 ? -1 : 1);
+    const char* fmt[] = {"%.9g", "%.17g", "%.3e", "%.12f", "%.20e"};
+    std::snprintf(buf, sizeof buf, fmt[(r2 >> 20) % 5], d);
+    std::string s = buf;
+    numbers.push_back(s);
+  }
+  for (std::size_t i = 0; i < numbers.size(); ++i) text += (i ? "," : "") + numbers[i];
+  text += "]";
+  auto doc = json_detail::parse_document(text, "many.json");
+  const auto& arr = doc->tape.tokens[0];
+  REQUIRE(arr.kind == json_detail::Kind::NumArray);
+  std::size_t mismatches = 0, out_of_range = 0;
+  for (std::size_t i = 0; i < numbers.size(); ++i) {
+    const std::string& s = numbers[i];
+    float want = 0;
+    auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), want);
+    if (ec != std::errc()) {
+      ++out_of_range;
+      continue;
+    }
+    float got = doc->tape.floats[arr.a + i];
+    if (std::bit_cast<std::uint32_t>(got) != std::bit_cast<std::uint32_t>(want)) {
+      if (mismatches++ < 5) MESSAGE(s);
+    }
+  }
+  CHECK(mismatches == 0);
+  CHECK(out_of_range < numbers.size() / 4);
+  CHECK(arr.float_ok == (out_of_range == 0));
 }
