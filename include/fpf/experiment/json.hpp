@@ -9,7 +9,7 @@
 // Reading uses a small strict JSON scanner (RFC 8259: literals, numbers, strings with escapes, UTF-8 checked) that
 // fills a flat token "tape" and parses every number as float32 on the way. It replaced Boost.JSON's basic_parser
 // here because that parser converts every number to double first (wasted work on ~5 million numbers per file,
-// and in Boost 1.81 not correctly rounded), which made reading ~1.8x slower; the report JSON still uses Boost.JSON.
+// and in Boost 1.81 not correctly rounded): reading a real-size file took ~4x longer with it; the report JSON still uses Boost.JSON.
 //
 // NaN and +-Inf have no JSON form. Policy: they are rejected. Writing throws fpf::Error naming the value's field
 // (e.g. "runs[2].decode_steps[4].hidden_states.layer_12.pos_-1[17]"); a file holding NaN/Infinity tokens is not JSON
