@@ -47,7 +47,7 @@ std::vector<std::vector<std::int32_t>> parse_prompts(const std::string& text) {
 
 int main(int argc, char** argv) {
   CLI::App app{"fpf-run: one configuration, N bit-checked repetitions, one experiment JSON"};
-  std::string model_dir, prompt_ids, prompt_file, tokenizer_dir, layers_text, positions_text = "-3,-2,-1", backend = "cpu", precision_text = "fp32",
+  std::string model_dir, prompt_ids, prompt_file, tokenizer_dir, layers_text, positions_text = "-3,-2,-1", backend = "cpu", precision_text,
                          attention = "flash", out = "fpf-run.json", model_name;
   int steps = 30, topk = 10, batch_size = 0, reps = 3;
   std::size_t prompt_tokens = 6000;
@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
   app.add_option("--positions", positions_text, "positions from the end of the sequence fed so far");
   app.add_option("--topk", topk, "top-k logprobs per position");
   app.add_option("--backend", backend, "cpu | cuda");
-  app.add_option("--precision", precision_text, "fp32 | bf16 | fp16");
+  app.add_option("--precision", precision_text, "fp32 | bf16 | fp16 (default: cpu fp32, cuda the checkpoint dtype)");
   app.add_option("--attention", attention, "flash | eager");
   app.add_option("--batch-size", batch_size, "sequences decoded together (default: the number of prompts)");
   app.add_option("--reps", reps, "repetitions, compared bit for bit");
@@ -84,6 +84,8 @@ int main(int argc, char** argv) {
                                       : fpf::taps::parse_layers(layers_text, cfg.num_hidden_layers);
     spec.positions = fpf::taps::parse_int_list(positions_text, "--positions");
     spec.topk = topk;
+    if (precision_text.empty())  // the CPU computes in fp32 only; the GPU in the checkpoint's dtype by default
+      precision_text = backend == "cuda" ? (cfg.dtype == "bfloat16" ? "bf16" : cfg.dtype == "float16" ? "fp16" : "fp32") : "fp32";
     const fpf::Precision precision = fpf::parse_precision(precision_text);
     if (prompt_ids.empty() == prompt_file.empty())
       throw fpf::Error("--prompt-ids", "give either --prompt-ids or --prompt-text-file");

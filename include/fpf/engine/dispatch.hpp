@@ -1,6 +1,10 @@
 #pragma once
 // Run-time names -> compile-time Setups. The instantiations a program can run are listed here explicitly (DESIGN.md
 // "Bound compile time"): fn.template operator()<Setup>() is called with the one the names select.
+//
+// The CUDA Setups exist only in translation units compiled by nvcc (__CUDACC__) in a build with the CUDA backend
+// (FPF_WITH_CUDA adds examples that need it as CUDA sources, see examples/CMakeLists.txt); a plain C++ build keeps
+// compiling the same program, and `--backend cuda` then says that this build has no CUDA backend.
 #include <string>
 #include <string_view>
 
@@ -9,6 +13,11 @@
 #include <fpf/core/error.hpp>
 #include <fpf/engine/setup.hpp>
 #include <fpf/quant/dense.hpp>
+
+#if defined(__CUDACC__)
+#include <fpf/backend/cuda/backend.cuh>
+#define FPF_HAVE_CUDA_BACKEND 1
+#endif
 
 namespace fpf {
 
@@ -20,7 +29,14 @@ int with_setup(std::string_view backend, std::string_view attention, Fn&& fn) {
     if (attention == "eager") return fn.template operator()<Setup<quant::Dense, attn::Eager, par::Single, cpu::Backend>>();
     return fn.template operator()<Setup<quant::Dense, attn::Flash<>, par::Single, cpu::Backend>>();
   }
-  if (backend == "cuda") throw Error("--backend", "the CUDA backend is not part of this build yet (use cpu)");
+  if (backend == "cuda") {
+#if defined(FPF_HAVE_CUDA_BACKEND)
+    if (attention == "eager") return fn.template operator()<Setup<quant::Dense, attn::Eager, par::Single, cuda::Backend>>();
+    return fn.template operator()<Setup<quant::Dense, attn::Flash<>, par::Single, cuda::Backend>>();
+#else
+    throw Error("--backend", "this build has no CUDA backend (build with nvcc and FPF_WITH_CUDA=ON; use cpu)");
+#endif
+  }
   throw Error("--backend", "unknown backend '" + std::string(backend) + "' (cpu or cuda)");
 }
 
