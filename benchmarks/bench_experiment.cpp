@@ -26,7 +26,8 @@ namespace {
 
 // Deterministic values with the magnitudes of real signals: xorshift noise, hashed from the coordinates.
 float noise(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
-  std::uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E5ull) * 0xBF58476D1CE4E5B9ull ^ c * 0x94D049BB133111EBull;
+  std::uint64_t x =
+      a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E5ull) * 0xBF58476D1CE4E5B9ull ^ c * 0x94D049BB133111EBull;
   x ^= x >> 31;
   x *= 0xD6E8FEB86659FD93ull;
   x ^= x >> 29;
@@ -42,8 +43,15 @@ struct Shape {
 ExperimentFile real_size_file(const std::string& experiment, const Shape& shape) {
   ExperimentFile f;
   auto& m = f.experiment_metadata;
-  m = Metadata{experiment, experiment, "Qwen3-30B-A3B", "30B", "MoE", 6000, 30,
-               ExtractionConfig{shape.layers, {-3, -2, -1}, 2048, 512, 10}, "2026-11-23 04:00:00"};
+  m = Metadata{experiment,
+               experiment,
+               "Qwen3-30B-A3B",
+               "30B",
+               "MoE",
+               6000,
+               30,
+               ExtractionConfig{shape.layers, {-3, -2, -1}, 2048, 512, 10},
+               "2026-11-23 04:00:00"};
   const char* hardware[] = {"H100-80GB", "H200"};
   for (int h = 0; h < 2; ++h)
     for (std::int64_t v : {1, 2}) {
@@ -68,7 +76,8 @@ ExperimentFile real_size_file(const std::string& experiment, const Shape& shape)
               for (int i = 0; i < dim; ++i) {
                 std::uint64_t id = (std::uint64_t(s) << 40) ^ (std::uint64_t(layer) << 24) ^ std::uint64_t(i);
                 float base = 4.0f * noise(id, std::uint64_t(sig), std::uint64_t(pos + 8));
-                out[std::size_t(i)] = base + 1e-3f * float(h) * noise(id, 7, 1) + 1e-2f * float(v - 1) * noise(id, 9, 2);
+                out[std::size_t(i)] =
+                    base + 1e-3f * float(h) * noise(id, 7, 1) + 1e-2f * float(v - 1) * noise(id, 9, 2);
               }
               return out;
             };
@@ -82,7 +91,7 @@ ExperimentFile real_size_file(const std::string& experiment, const Shape& shape)
               for (int k = 0; k < 10; ++k) {
                 t.token_ids.push_back(100 + k);
                 t.log_probs.push_back(-0.5f * float(k) - 0.1f * std::fabs(noise(std::uint64_t(s), std::uint64_t(k),
-                                                                                    std::uint64_t(pos + 8 + h + 4 * v))));
+                                                                                std::uint64_t(pos + 8 + h + 4 * v))));
               }
               st.logprobs[pos] = t;
             }
@@ -146,7 +155,8 @@ int write_files(int argc, char** argv) {
   Shape shape;
   for (int i = 3; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--all-reps") shape.all_reps = true;
+    if (a == "--all-reps")
+      shape.all_reps = true;
     else if (a == "--layers" && i + 1 < argc) {
       shape.layers.clear();
       std::stringstream ss(argv[++i]);
@@ -168,9 +178,8 @@ int write_files(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc >= 3 && std::string(argv[1]) == "--write-files") return fpf::run_main("bench_experiment", [&] {
-      return write_files(argc, argv);
-    });
+  if (argc >= 3 && std::string(argv[1]) == "--write-files")
+    return fpf::run_main("bench_experiment", [&] { return write_files(argc, argv); });
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -47,8 +47,10 @@ int main(int argc, char** argv) {
     if (all) {
       for (const auto& name : analysis::seed_experiment_files()) {
         fs::path p = fs::path(dir) / name;
-        if (fs::exists(p)) paths.push_back(p.string());
-        else std::cout << "Skipping " << name << " (not found)\n";
+        if (fs::exists(p))
+          paths.push_back(p.string());
+        else
+          std::cout << "Skipping " << name << " (not found)\n";
       }
       if (paths.empty()) throw Error(dir, "none of the seed's experiment files is here");
     } else {

@@ -80,14 +80,14 @@ TEST_CASE("analysis: baseline, within-hardware, cross-hardware, classification (
 
   // 4. cross hardware, different values: distance 2|g(a) - g(b) - 0.25|, ratio distance / 0.5
   REQUIRE(h.cross.total_count == 6);
-  CHECK(find_cross(h.cross, 1, 2).distance.stats.max == 1.5);   // |0 - 0.5 - 0.25| = 0.75
+  CHECK(find_cross(h.cross, 1, 2).distance.stats.max == 1.5);  // |0 - 0.5 - 0.25| = 0.75
   CHECK(*find_cross(h.cross, 1, 2).ratio == 3.0);
-  CHECK(*find_cross(h.cross, 1, 4).ratio == 13.0);              // 3.25 * 2 / 0.5
-  CHECK(*find_cross(h.cross, 2, 1).ratio == 1.0);               // 0.25 * 2 / 0.5: below 1.5
+  CHECK(*find_cross(h.cross, 1, 4).ratio == 13.0);  // 3.25 * 2 / 0.5
+  CHECK(*find_cross(h.cross, 2, 1).ratio == 1.0);   // 0.25 * 2 / 0.5: below 1.5
   CHECK_FALSE(find_cross(h.cross, 2, 1).detectable);
-  CHECK(*find_cross(h.cross, 2, 4).ratio == 11.0);              // 2.75
-  CHECK(*find_cross(h.cross, 4, 1).ratio == 11.0);              // 2.75
-  CHECK(*find_cross(h.cross, 4, 2).ratio == 9.0);               // 2.25
+  CHECK(*find_cross(h.cross, 2, 4).ratio == 11.0);  // 2.75
+  CHECK(*find_cross(h.cross, 4, 1).ratio == 11.0);  // 2.75
+  CHECK(*find_cross(h.cross, 4, 2).ratio == 9.0);   // 2.25
   CHECK(h.cross.detectable_count == 5);
   CHECK(h.cross.percentage == doctest::Approx(500.0 / 6.0));
 

@@ -91,11 +91,13 @@ TEST_CASE("merge: two machines' files become one; conflicting ids are errors") {
 
   ExperimentFile c = batch_size("H200");
   c.runs[2].decode_steps[0].key_vectors[3][-1][0] = 42.0f;  // same id, different data
-  CHECK(error_of([&] { merge({b, c}, {"h200.json", "c.json"}); }) ==
-        "c.json: configurations[0].config_id: \"H200_bs2\" is also in an earlier file with different contents");
+  CHECK(error_of([&] {
+          merge({b, c}, {"h200.json", "c.json"});
+        }) == "c.json: configurations[0].config_id: \"H200_bs2\" is also in an earlier file with different contents");
 
   ExperimentFile d = batch_size("H200");
   d.experiment_metadata.variable_tested = "compile";
-  CHECK(error_of([&] { merge({a, d}, {"a.json", "d.json"}); }) ==
-        "d.json: experiment_metadata.variable_tested: is compile, a.json has batch_size");
+  CHECK(error_of([&] {
+          merge({a, d}, {"a.json", "d.json"});
+        }) == "d.json: experiment_metadata.variable_tested: is compile, a.json has batch_size");
 }

@@ -78,11 +78,11 @@ TEST_CASE("experiment json: write -> read -> write is byte-identical, on disk to
 
 TEST_CASE("experiment json: the seed's names and nesting") {
   std::string text = to_json_text(small_file());
-  for (const char* key : {"\"experiment_metadata\"", "\"extraction_config\"", "\"top_k_logprobs\"",
-                          "\"configurations\"", "\"fixed_params\"", "\"concurrent_streams\"", "\"runs\"",
-                          "\"runtime_seconds\"", "\"decode_steps\"", "\"hidden_states\"", "\"key_vectors\"",
-                          "\"layer_3\"", "\"pos_-2\"", "\"logprobs\"", "\"token_ids\"", "\"log_probs\"",
-                          "\"cuda_version\": \"12.8\"", "\"variable_value\": 1"})
+  for (const char* key :
+       {"\"experiment_metadata\"", "\"extraction_config\"", "\"top_k_logprobs\"", "\"configurations\"",
+        "\"fixed_params\"", "\"concurrent_streams\"", "\"runs\"", "\"runtime_seconds\"", "\"decode_steps\"",
+        "\"hidden_states\"", "\"key_vectors\"", "\"layer_3\"", "\"pos_-2\"", "\"logprobs\"", "\"token_ids\"",
+        "\"log_probs\"", "\"cuda_version\": \"12.8\"", "\"variable_value\": 1"})
     CHECK_MESSAGE(text.find(key) != std::string::npos, key);
   // 0.1f * 3 is written as the float's own shortest form, not as a double's 17 digits
   CHECK(text.find("0.3,") != std::string::npos);
@@ -112,9 +112,9 @@ TEST_CASE("experiment json: random float32 bit patterns survive bit-exact") {
     if ((bits & 3) == 0) values.push_back(std::bit_cast<float>(bits & 0x807FFFFFu));
   }
   ExperimentFile f = testing::synthetic_file({1}, {-1}, int(values.size()), 1, 1, 1);
-  testing::add_config(f, "A", "A", std::int64_t(1), [&](Signal s, int, int, int, int i) {
-    return s == Signal::hidden_states ? values[std::size_t(i)] : 0.5f;
-  }, 1);
+  testing::add_config(
+      f, "A", "A", std::int64_t(1),
+      [&](Signal s, int, int, int, int i) { return s == Signal::hidden_states ? values[std::size_t(i)] : 0.5f; }, 1);
   ExperimentFile g = parse_experiment(to_json_text(f), "random.json");
   const auto& got = g.runs[0].decode_steps[0].hidden_states.at(1).at(-1);
   REQUIRE(got.size() == values.size());
@@ -225,15 +225,16 @@ TEST_CASE("experiment json: the scanner accepts exactly RFC 8259 JSON") {
     }
     return false;
   };
-  for (const char* bad : {"[01]", "[.5]", "[5.]", "[1.e3]", "[1e]", "[-]", "[inf]", "[nan]", "[NaN]", "[+1]",
-                          "[1,]", "{\"a\":1,}", "{a:1}", "[1] x", "[tru]", "[\"a\nb\"]", "[\"\\x\"]",
-                          "[\"\\ud800\"]", "[\"\\udc00\"]", "[\"\xff\"]", "[\"\xc0\xaf\"]", "[\"abc", "", "  "})
+  for (const char* bad :
+       {"[01]",      "[.5]",          "[5.]",          "[1.e3]",     "[1e]",           "[-]",    "[inf]", "[nan]",
+        "[NaN]",     "[+1]",          "[1,]",          "{\"a\":1,}", "{a:1}",          "[1] x",  "[tru]", "[\"a\nb\"]",
+        "[\"\\x\"]", "[\"\\ud800\"]", "[\"\\udc00\"]", "[\"\xff\"]", "[\"\xc0\xaf\"]", "[\"abc", "",      "  "})
     CHECK_MESSAGE(rejects(bad), bad);
   CHECK(rejects(std::string(65, '[') + std::string(65, ']')));  // nesting limit
 
   auto doc = parse_document("{\"k\\u00e9y\": [\"\\ud83d\\ude00\\n\\\"\", -0, 1.5e-3, 2E+2, true, null]}", "ok.json");
   const auto& strings = doc->tape.strings;
-  CHECK(strings[0] == "k\xC3\xA9y");                // é
+  CHECK(strings[0] == "k\xC3\xA9y");            // é
   CHECK(strings[1] == "\xF0\x9F\x98\x80\n\"");  // U+1F600 from a surrogate pair
   const auto& t = doc->tape.tokens;
   CHECK(std::signbit(t[4].f));
@@ -242,7 +243,9 @@ TEST_CASE("experiment json: the scanner accepts exactly RFC 8259 JSON") {
   CHECK(t[7].kind == json_detail::Kind::Bool);
 
   // exactly halfway between two floats: ties to even; just above halfway: up
-  auto one = [](const std::string& num) { return json_detail::parse_document("[" + num + "]", "h.json")->tape.tokens[1].f; };
+  auto one = [](const std::string& num) {
+    return json_detail::parse_document("[" + num + "]", "h.json")->tape.tokens[1].f;
+  };
   CHECK(one("16777217") == 16777216.0f);
   CHECK(one("16777219") == 16777220.0f);
   CHECK(one("16777217.000000001") == 16777218.0f);
@@ -254,8 +257,8 @@ TEST_CASE("experiment json: the scanner accepts exactly RFC 8259 JSON") {
 
 TEST_CASE("experiment json: long number arrays (packed by the scanner) keep bits and name bad elements") {
   ExperimentFile f = testing::synthetic_file({1}, {-1}, 40, 20, 1, 1);
-  testing::add_config(f, "A", "A", std::int64_t(1),
-                      [](Signal, int, int, int, int i) { return i == 7 ? -0.0f : 0.001f * float(i); }, 1);
+  testing::add_config(
+      f, "A", "A", std::int64_t(1), [](Signal, int, int, int, int i) { return i == 7 ? -0.0f : 0.001f * float(i); }, 1);
   for (int i = 0; i < 30; ++i) f.runs[0].prompt_ids.push_back(1000 + i);
   std::string text = to_json_text(f);
   ExperimentFile g = parse_experiment(text, "long.json");

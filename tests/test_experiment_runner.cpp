@@ -74,7 +74,10 @@ fs::path temp_dir(const std::string& name) {
 
 TEST_CASE("runner: identical reps keep only the last rep's signals, with timing and the fingerprint") {
   int calls = 0;
-  ConfigurationResult r = run_configuration(config(), [&](int) { ++calls; return fake_run(false); });
+  ConfigurationResult r = run_configuration(config(), [&](int) {
+    ++calls;
+    return fake_run(false);
+  });
   CHECK(calls == 3);
   CHECK_FALSE(r.divergence);
   REQUIRE(r.runs.size() == 3);
@@ -130,9 +133,12 @@ TEST_CASE("runner: a batch compares every sequence, stores sequence 0") {
   CHECK(r.divergence->rep_b == 1);
   CHECK(r.divergence->describe("C").find("in batch sequence 1") != std::string::npos);
 
-  ConfigurationResult ok = run_configuration(config(), [](int) {
-    return std::vector<taps::SequenceSignals>{fake_run(false), fake_run(true)};
-  }, RunOptions{2, false});
+  ConfigurationResult ok = run_configuration(
+      config(),
+      [](int) {
+        return std::vector<taps::SequenceSignals>{fake_run(false), fake_run(true)};
+      },
+      RunOptions{2, false});
   CHECK_FALSE(ok.divergence);
   CHECK(ok.runs[1].prompt_text == "hello");  // sequence 0's prompt
   CHECK(ok.runs[1].decode_steps[1].key_vectors[2][-1][1] == 1.0f);
@@ -140,11 +146,13 @@ TEST_CASE("runner: a batch compares every sequence, stores sequence 0") {
 
 TEST_CASE("runner: run_experiment writes a file that reads back") {
   fs::path dir = temp_dir("runner-ok");
-  ExperimentFile f = run_experiment(meta(), config(), [](int) { return fake_run(false); }, dir / "r.json",
-                                    RunOptions{3, false});
+  ExperimentFile f = run_experiment(
+      meta(), config(), [](int) { return fake_run(false); }, dir / "r.json", RunOptions{3, false});
   ExperimentFile g = read_experiment(dir / "r.json");
   CHECK(to_json_text(g) == to_json_text(f));
   CHECK(g.experiment_metadata.date_created.size() == 19);  // "YYYY-MM-DD HH:MM:SS"
   CHECK(g.runs.size() == 3);
-  CHECK_THROWS_AS(run_configuration(config(), [](int) { return fake_run(false); }, RunOptions{0, false}), Error);
+  CHECK_THROWS_AS(run_configuration(
+                      config(), [](int) { return fake_run(false); }, RunOptions{0, false}),
+                  Error);
 }

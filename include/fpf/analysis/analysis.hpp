@@ -47,13 +47,17 @@ inline std::string value_label(const VariableValue& v) {
   return std::visit(
       [](const auto& x) -> std::string {
         using T = std::decay_t<decltype(x)>;
-        if constexpr (std::is_same_v<T, std::monostate>) return "null";
-        else if constexpr (std::is_same_v<T, bool>) return x ? "true" : "false";
-        else if constexpr (std::is_same_v<T, std::int64_t>) return std::to_string(x);
+        if constexpr (std::is_same_v<T, std::monostate>)
+          return "null";
+        else if constexpr (std::is_same_v<T, bool>)
+          return x ? "true" : "false";
+        else if constexpr (std::is_same_v<T, std::int64_t>)
+          return std::to_string(x);
         else if constexpr (std::is_same_v<T, double>) {
           char buf[32];
           return std::string(buf, std::to_chars(buf, buf + sizeof buf, x).ptr);
-        } else return x;
+        } else
+          return x;
       },
       v);
 }
@@ -107,9 +111,9 @@ inline Stats stats_of(std::vector<double> v) {
 }
 
 struct RunDistance {
-  Stats stats;                        // stats.max is the seed's distance
-  std::vector<double> per_step_max;   // max over positions, one per step
-  bool bit_exact = true;              // every compared vector bit-identical
+  Stats stats;                       // stats.max is the seed's distance
+  std::vector<double> per_step_max;  // max over positions, one per step
+  bool bit_exact = true;             // every compared vector bit-identical
 };
 
 // The seed's compare_runs for one signal and layer (layer ignored for logprobs): L2 per (step, position), steps
@@ -202,13 +206,13 @@ struct LayerAnalysis {
   Baseline baseline;
   std::vector<WithinHardware> within;
   CrossHardware cross;
-  double max_signal = 0;        // largest within-hardware distance
-  std::optional<double> snr;    // max_signal / baseline mean; nullopt when the baseline is missing or 0
+  double max_signal = 0;      // largest within-hardware distance
+  std::optional<double> snr;  // max_signal / baseline mean; nullopt when the baseline is missing or 0
 };
 
 struct Classification {
-  std::string status;      // seed 001: "Strong" | "Moderate" | "Weak" | "n/a"
-  std::string snr_class;   // seed 002: "Strong" | "Moderate" | "Weak" | "Not Detectable" | "n/a"
+  std::string status;     // seed 001: "Strong" | "Moderate" | "Weak" | "n/a"
+  std::string snr_class;  // seed 002: "Strong" | "Moderate" | "Weak" | "Not Detectable" | "n/a"
 };
 
 struct ExperimentAnalysis {
@@ -340,8 +344,8 @@ inline std::vector<WithinHardware> analyze_within_hardware(const ExperimentFile&
   return out;
 }
 
-inline CrossHardware analyze_cross_hardware(const ExperimentFile& f, const Baseline& baseline, Signal signal,
-                                            int layer, double criterion = kDetectabilityRatio) {
+inline CrossHardware analyze_cross_hardware(const ExperimentFile& f, const Baseline& baseline, Signal signal, int layer,
+                                            double criterion = kDetectabilityRatio) {
   using namespace analysis_detail;
   CrossHardware x;
   if (!baseline.available()) return x;  // nothing to compare against
@@ -376,17 +380,27 @@ inline CrossHardware analyze_cross_hardware(const ExperimentFile& f, const Basel
 
 inline Classification classify(const LayerAnalysis& l) {
   Classification c;
-  if (!l.cross.available) c.status = "n/a";
-  else if (l.cross.percentage > 75) c.status = "Strong";
-  else if (l.cross.percentage > 50) c.status = "Moderate";
-  else c.status = "Weak";
+  if (!l.cross.available)
+    c.status = "n/a";
+  else if (l.cross.percentage > 75)
+    c.status = "Strong";
+  else if (l.cross.percentage > 50)
+    c.status = "Moderate";
+  else
+    c.status = "Weak";
 
-  if (!l.baseline.available()) c.snr_class = "n/a";
-  else if (l.baseline.zero()) c.snr_class = l.max_signal > 0 ? "Strong" : "Not Detectable";
-  else if (*l.snr > 10) c.snr_class = "Strong";
-  else if (*l.snr > 3) c.snr_class = "Moderate";
-  else if (*l.snr > 1) c.snr_class = "Weak";
-  else c.snr_class = "Not Detectable";
+  if (!l.baseline.available())
+    c.snr_class = "n/a";
+  else if (l.baseline.zero())
+    c.snr_class = l.max_signal > 0 ? "Strong" : "Not Detectable";
+  else if (*l.snr > 10)
+    c.snr_class = "Strong";
+  else if (*l.snr > 3)
+    c.snr_class = "Moderate";
+  else if (*l.snr > 1)
+    c.snr_class = "Weak";
+  else
+    c.snr_class = "Not Detectable";
   return c;
 }
 
@@ -426,8 +440,9 @@ inline ExperimentAnalysis analyze_experiment(const ExperimentFile& f, Signal sig
 // The seed's --all file list, in its order.
 inline const std::vector<std::string>& seed_experiment_files() {
   static const std::vector<std::string> files = {
-      "batch_size_experiment.json",         "compile_experiment.json",         "quantization_experiment.json",
-      "attention_experiment.json",          "concurrent_streams_experiment.json", "tensor_parallel_experiment.json",
+      "batch_size_experiment.json",         "compile_experiment.json",
+      "quantization_experiment.json",       "attention_experiment.json",
+      "concurrent_streams_experiment.json", "tensor_parallel_experiment.json",
       "expert_parallel_experiment.json",    "cuda_version_experiment.json"};
   return files;
 }

@@ -85,13 +85,15 @@ inline std::string frame(const std::string& kind, const std::string& title, cons
     std::snprintf(lab, sizeof lab, "%.0e", d);
     s += "<line x1=\"" + num(L) + "\" x2=\"" + num(W - R) + "\" y1=\"" + num(y) + "\" y2=\"" + num(y) +
          "\" class=\"grid\"/>";
-    s += "<text x=\"" + num(L - 6) + "\" y=\"" + num(y + 4) + "\" text-anchor=\"end\" class=\"tick\">" + lab +
-         "</text>";
+    s +=
+        "<text x=\"" + num(L - 6) + "\" y=\"" + num(y + 4) + "\" text-anchor=\"end\" class=\"tick\">" + lab + "</text>";
   }
-  s += "<text transform=\"translate(14," + num(T + (H - T - B) / 2) + ") rotate(-90)\" text-anchor=\"middle\" "
-       "class=\"tick\">" + esc(y_label) + "</text>";
-  s += "<rect x=\"" + num(L) + "\" y=\"" + num(T) + "\" width=\"" + num(W - L - R) + "\" height=\"" +
-       num(H - T - B) + "\" class=\"box\"/>";
+  s += "<text transform=\"translate(14," + num(T + (H - T - B) / 2) +
+       ") rotate(-90)\" text-anchor=\"middle\" "
+       "class=\"tick\">" +
+       esc(y_label) + "</text>";
+  s += "<rect x=\"" + num(L) + "\" y=\"" + num(T) + "\" width=\"" + num(W - L - R) + "\" height=\"" + num(H - T - B) +
+       "\" class=\"box\"/>";
   return s;
 }
 
@@ -99,8 +101,8 @@ inline std::string legend(const std::vector<std::string>& names) {
   std::string s;
   for (std::size_t i = 0; i < names.size() && i < 14; ++i) {
     double y = T + 8 + 16 * double(i);
-    s += "<rect x=\"" + num(W - R + 12) + "\" y=\"" + num(y - 8) + "\" width=\"10\" height=\"10\" fill=\"" +
-         color(i) + "\"/>";
+    s += "<rect x=\"" + num(W - R + 12) + "\" y=\"" + num(y - 8) + "\" width=\"10\" height=\"10\" fill=\"" + color(i) +
+         "\"/>";
     s += "<text x=\"" + num(W - R + 26) + "\" y=\"" + num(y + 1) + "\" class=\"tick\">" + esc(names[i]) + "</text>";
   }
   return s;
@@ -131,8 +133,8 @@ inline std::string line_chart(const std::string& kind, const std::string& title,
            (s.dashed ? " stroke-dasharray=\"6 4\"" : "") + "/>";
     for (std::size_t i = 0; i < s.y.size() && i < x.size(); ++i)
       out += "<circle class=\"mark\" cx=\"" + num(px(i)) + "\" cy=\"" + num(py(s.y[i])) + "\" r=\"3\" " +
-             (s.y[i] > 0 ? std::string("fill=\"") + color(k) + "\"" : std::string("fill=\"white\" stroke=\"") +
-                                                                       color(k) + "\"") +
+             (s.y[i] > 0 ? std::string("fill=\"") + color(k) + "\""
+                         : std::string("fill=\"white\" stroke=\"") + color(k) + "\"") +
              "><title>" + esc(s.name + " @ " + x[i] + ": " + sci(s.y[i])) + "</title></circle>";
   }
   return out + legend(names) + "</svg>";
@@ -149,8 +151,8 @@ inline std::string bar_chart(const std::string& kind, const std::string& title, 
   for (std::size_t i = 0; i < values.size(); ++i) {
     double top = T + ph * (1 - ax.frac(values[i]));
     bool pass = values[i] >= threshold;
-    out += "<rect class=\"bar\" x=\"" + num(L + slot * double(i) + slot * 0.15) + "\" y=\"" + num(top) +
-           "\" width=\"" + num(slot * 0.7) + "\" height=\"" + num(std::max(1.0, T + ph - top)) + "\" fill=\"" +
+    out += "<rect class=\"bar\" x=\"" + num(L + slot * double(i) + slot * 0.15) + "\" y=\"" + num(top) + "\" width=\"" +
+           num(slot * 0.7) + "\" height=\"" + num(std::max(1.0, T + ph - top)) + "\" fill=\"" +
            (pass ? "#2ca02c" : "#d62728") + "\"><title>" + esc(labels[i] + ": " + fixed(values[i]) + "x") +
            "</title></rect>";
     if (values.size() <= 12)
@@ -183,9 +185,8 @@ inline std::string experiment_section(const ExperimentAnalysis& a) {
   s += "<table><tr><th>configuration</th><th>reps</th><th>with signals</th><th>bit-exact</th><th>runner</th></tr>";
   for (const auto& r : a.reproducibility) {
     std::string exact = r.is_exact ? (*r.is_exact ? "yes" : "NO (max L2 " + sci(r.max_distance) + ")") : "?";
-    std::string runner = r.runner ? (r.runner->bit_exact ? "identical, fnv1a64 " + r.runner->signals_fnv1a64
-                                                         : "DIFFERED")
-                                  : "-";
+    std::string runner =
+        r.runner ? (r.runner->bit_exact ? "identical, fnv1a64 " + r.runner->signals_fnv1a64 : "DIFFERED") : "-";
     s += "<tr><td>" + esc(r.config_id) + "</td><td>" + std::to_string(r.runs) + "</td><td>" +
          std::to_string(r.runs_with_signals) + "</td><td class=\"" + (r.is_exact == false ? "bad" : "") + "\">" +
          esc(exact) + "</td><td>" + esc(runner) + "</td></tr>";
@@ -249,7 +250,8 @@ inline std::string experiment_section(const ExperimentAnalysis& a) {
     std::vector<Series> d;
     Series sr{"distance (baseline 0)", {}};
     std::vector<std::string> labels;
-    for (const auto& c : h.cross.comparisons) labels.push_back(comparison_name(c)), sr.y.push_back(c.distance.stats.max);
+    for (const auto& c : h.cross.comparisons)
+      labels.push_back(comparison_name(c)), sr.y.push_back(c.distance.stats.max);
     d.push_back(sr);
     s += line_chart("ratios", "Cross-hardware distances, " + layer_label(h.layer) + " (baseline is 0)", labels, d,
                     "L2 distance");
@@ -282,11 +284,14 @@ inline std::string render_html(const std::vector<ExperimentAnalysis>& analyses, 
   for (const auto& r : rows)
     s += "<tr><td>" + esc(r.experiment) + "</td><td>" + esc(r.variable) + "</td><td>" + esc(r.signal) + "</td><td>" +
          esc(r.layer) + "</td><td>" + (r.baseline_available ? sci(r.baseline) : "-") + "</td><td>" +
-         (r.cross_available ? fixed(r.detectability_pct, 1) + "%" : "-") + "</td><td class=\"" + esc(r.status) +
-         "\">" + esc(r.status) + "</td><td>" + (r.snr ? fixed(*r.snr) : r.baseline_available ? "inf" : "-") +
+         (r.cross_available ? fixed(r.detectability_pct, 1) + "%" : "-") + "</td><td class=\"" + esc(r.status) + "\">" +
+         esc(r.status) + "</td><td>" +
+         (r.snr                  ? fixed(*r.snr)
+          : r.baseline_available ? "inf"
+                                 : "-") +
          "</td><td class=\"" + esc(r.snr_class) + "\">" + esc(r.snr_class) + "</td><td class=\"" +
-         (r.reproducible == false ? "bad" : "") + "\">" +
-         (r.reproducible ? (*r.reproducible ? "yes" : "NO") : "?") + "</td></tr>";
+         (r.reproducible == false ? "bad" : "") + "\">" + (r.reproducible ? (*r.reproducible ? "yes" : "NO") : "?") +
+         "</td></tr>";
   s += "</table>\n";
   for (const auto& a : analyses) s += experiment_section(a) + "\n";
   s += "<script>window.addEventListener('load',function(){var n=0;document.querySelectorAll('svg.chart')"

@@ -81,21 +81,22 @@ inline void print_text(std::ostream& o, const ExperimentAnalysis& a) {
         << (p.bit_exact ? "exact" : "DIFFERS (max L2 " + sci(p.max_distance) + ")") << "\n";
     if (r.runner)
       o << "  runner: " << r.runner->reps_compared << " reps "
-        << (r.runner->bit_exact ? "bit-identical, signals fnv1a64 " + r.runner->signals_fnv1a64 : "DIFFERED")
-        << "\n";
+        << (r.runner->bit_exact ? "bit-identical, signals fnv1a64 " + r.runner->signals_fnv1a64 : "DIFFERED") << "\n";
     if (!r.is_exact) o << "  not checkable: one rep carries signals and no runner verdict is recorded\n";
   }
   o << (a.all_exact ? "ALL CHECKABLE CONFIGURATIONS ARE DETERMINISTIC\n"
                     : "NON-DETERMINISM DETECTED - INVESTIGATION REQUIRED\n");
 
   for (const LayerAnalysis& l : a.per_layer) {
-    o << "\n" << rule << "\n" << layer_label(l.layer) << (&l == &a.headline() ? " (headline)" : "") << "\n"
+    o << "\n"
+      << rule << "\n"
+      << layer_label(l.layer) << (&l == &a.headline() ? " (headline)" : "") << "\n"
       << rule << "\n";
     o << "2. CROSS-HARDWARE BASELINE\n";
     if (!l.baseline.available()) o << "  no variable value on two hardware types: no baseline\n";
     for (const auto& p : l.baseline.pairs)
-      o << "  value " << value_label(p.value_a) << ": " << p.config_a << " vs " << p.config_b
-        << "  max " << sci(p.distance.stats.max) << "  mean " << sci(p.distance.stats.mean) << "  median "
+      o << "  value " << value_label(p.value_a) << ": " << p.config_a << " vs " << p.config_b << "  max "
+        << sci(p.distance.stats.max) << "  mean " << sci(p.distance.stats.mean) << "  median "
         << sci(p.distance.stats.median) << "\n";
     if (l.baseline.available())
       o << "  mean " << sci(l.baseline.mean) << "  std " << sci(l.baseline.std) << "  range [" << sci(l.baseline.min)
@@ -150,9 +151,12 @@ inline boost::json::value value_json(const VariableValue& v) {
   return std::visit(
       [](const auto& x) -> boost::json::value {
         using T = std::decay_t<decltype(x)>;
-        if constexpr (std::is_same_v<T, std::monostate>) return nullptr;
-        else if constexpr (std::is_same_v<T, std::string>) return boost::json::string(x);
-        else return x;
+        if constexpr (std::is_same_v<T, std::monostate>)
+          return nullptr;
+        else if constexpr (std::is_same_v<T, std::string>)
+          return boost::json::string(x);
+        else
+          return x;
       },
       v);
 }
@@ -160,16 +164,20 @@ inline boost::json::value value_json(const VariableValue& v) {
 inline boost::json::object distance_json(const RunDistance& d) {
   boost::json::array steps;
   for (double x : d.per_step_max) steps.push_back(num(x));
-  return {{"max", num(d.stats.max)},       {"mean", num(d.stats.mean)}, {"median", num(d.stats.median)},
-          {"std", num(d.stats.std)},       {"count", d.stats.count},    {"bit_exact", d.bit_exact},
+  return {{"max", num(d.stats.max)},         {"mean", num(d.stats.mean)}, {"median", num(d.stats.median)},
+          {"std", num(d.stats.std)},         {"count", d.stats.count},    {"bit_exact", d.bit_exact},
           {"per_step_max", std::move(steps)}};
 }
 
 inline boost::json::object comparison_json(const Comparison& c) {
-  boost::json::object o{{"config_a", c.config_a},       {"config_b", c.config_b},
-                        {"hardware_a", c.hardware_a},   {"hardware_b", c.hardware_b},
-                        {"value_a", value_json(c.value_a)}, {"value_b", value_json(c.value_b)},
-                        {"distance", num(c.distance.stats.max)}, {"stats", distance_json(c.distance)}};
+  boost::json::object o{{"config_a", c.config_a},
+                        {"config_b", c.config_b},
+                        {"hardware_a", c.hardware_a},
+                        {"hardware_b", c.hardware_b},
+                        {"value_a", value_json(c.value_a)},
+                        {"value_b", value_json(c.value_b)},
+                        {"distance", num(c.distance.stats.max)},
+                        {"stats", distance_json(c.distance)}};
   return o;
 }
 
@@ -183,9 +191,10 @@ inline boost::json::object layer_json(const LayerAnalysis& l) {
     pairs.push_back(comparison_json(p));
   }
   if (l.baseline.available()) {
-    baseline = {{"per_value", per_value},          {"mean", num(l.baseline.mean)}, {"std", num(l.baseline.std)},
-                {"min", num(l.baseline.min)},      {"max", num(l.baseline.max)},   {"values", values},
-                {"zero", l.baseline.zero()},       {"pairs", pairs}};
+    baseline = {{"per_value", per_value},     {"mean", num(l.baseline.mean)},
+                {"std", num(l.baseline.std)}, {"min", num(l.baseline.min)},
+                {"max", num(l.baseline.max)}, {"values", values},
+                {"zero", l.baseline.zero()},  {"pairs", pairs}};
   }
   boost::json::object within;
   for (const auto& w : l.within) {
@@ -215,7 +224,9 @@ inline boost::json::object layer_json(const LayerAnalysis& l) {
              {"percentage", l.cross.percentage},
              {"zero_baseline", l.cross.zero_baseline}};
   }
-  boost::json::object o{{"baseline", baseline}, {"within_hardware", within}, {"cross_hardware", cross},
+  boost::json::object o{{"baseline", baseline},
+                        {"within_hardware", within},
+                        {"cross_hardware", cross},
                         {"max_signal", num(l.max_signal)}};
   o["snr"] = l.snr ? num(*l.snr) : boost::json::value(nullptr);
   return o;
@@ -231,8 +242,8 @@ inline boost::json::object report_json(const ExperimentAnalysis& a) {
   for (const auto& r : a.reproducibility) {
     boost::json::array pairs;
     for (const auto& p : r.pairs)
-      pairs.push_back({{"rep_a", p.rep_a}, {"rep_b", p.rep_b}, {"bit_exact", p.bit_exact},
-                       {"max_distance", num(p.max_distance)}});
+      pairs.push_back(
+          {{"rep_a", p.rep_a}, {"rep_b", p.rep_b}, {"bit_exact", p.bit_exact}, {"max_distance", num(p.max_distance)}});
     boost::json::object e{{"is_exact", r.is_exact ? boost::json::value(*r.is_exact) : boost::json::value(nullptr)},
                           {"max_distance", num(r.max_distance)},
                           {"runs", r.runs},

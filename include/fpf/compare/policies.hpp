@@ -17,8 +17,8 @@ namespace fpf::compare {
 
 inline void check_same_size(std::span<const float> a, std::span<const float> b, const char* what) {
   if (a.size() != b.size())
-    throw Error(what, "vectors differ in length (" + std::to_string(a.size()) + " vs " + std::to_string(b.size()) +
-                          ")");
+    throw Error(what,
+                "vectors differ in length (" + std::to_string(a.size()) + " vs " + std::to_string(b.size()) + ")");
 }
 
 // Same length and the same bits in every element (so -0.0 differs from 0.0, and a NaN equals only the same NaN).

@@ -56,9 +56,8 @@ inline void locate(const std::vector<float>& a, const std::vector<float>& b, Div
 
 inline std::optional<Divergence> compare_layer_maps(std::size_t step, const char* name, const taps::LayerPosMap& a,
                                                     const taps::LayerPosMap& b) {
-  if (a.size() != b.size() || !std::equal(a.begin(), a.end(), b.begin(), [](auto& x, auto& y) {
-        return x.first == y.first;
-      }))
+  if (a.size() != b.size() ||
+      !std::equal(a.begin(), a.end(), b.begin(), [](auto& x, auto& y) { return x.first == y.first; }))
     return Divergence{step, std::string(name) + " layers"};
   for (const auto& [layer, pa] : a) {
     const auto& pb = b.at(layer);

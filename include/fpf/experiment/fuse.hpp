@@ -53,7 +53,8 @@ inline bool same_runs(const Run& a, const Run& b) {
 // `experiment`, giving them `baseline_value` as variable_value (e.g. batch_size 1 for the batch-size experiment).
 // The reference must have measured the same model with the same extraction config, and its prompt must be the
 // experiment's prompt (checked against the experiment's runs when both have one).
-inline void fuse_reference(ExperimentFile& experiment, const ExperimentFile& reference, const VariableValue& baseline_value,
+inline void fuse_reference(ExperimentFile& experiment, const ExperimentFile& reference,
+                           const VariableValue& baseline_value,
                            const std::string& reference_name = "reference_baseline.json",
                            const std::string& hardware = {}) {
   fuse_detail::check_compatible(experiment.experiment_metadata, reference.experiment_metadata, reference_name);
@@ -78,8 +79,8 @@ inline void fuse_reference(ExperimentFile& experiment, const ExperimentFile& ref
     }
   }
   if (!taken)
-    throw Error(reference_name, hardware.empty() ? "has no configuration"
-                                                 : "has no configuration on hardware \"" + hardware + "\"");
+    throw Error(reference_name,
+                hardware.empty() ? "has no configuration" : "has no configuration on hardware \"" + hardware + "\"");
 }
 
 // Merges files into one: the first file's metadata, every configuration and run. All files must have measured the

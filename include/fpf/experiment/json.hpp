@@ -1,15 +1,16 @@
 #pragma once
 // Reading and writing experiment files (schema.hpp) as JSON.
 //
-// Floats: every float32 is written as its own shortest round-trip decimal (std::to_chars(float)), and read back
-// with std::from_chars(float) from the number's text, so a reader gets the identical bits (-0.0 and subnormals
-// included). We do not let a JSON library go through double: printing a float as a double gives 17 digits
-// ("0.10000000149011612"), and parsing a decimal to double and then rounding to float can round twice.
+// Floats: every float32 is written as its own shortest round-trip decimal (std::to_chars(float)) and read back
+// as the float nearest to that decimal, so a reader gets the identical bits (-0.0 and subnormals included). We do
+// not let a JSON library go through double: printing a float as a double gives 17 digits ("0.10000000149011612"),
+// and parsing a decimal to double and then rounding to float can round twice.
 //
 // Reading uses a small strict JSON scanner (RFC 8259: literals, numbers, strings with escapes, UTF-8 checked) that
-// fills a flat token "tape" and parses every number as float32 on the way. It replaced Boost.JSON's basic_parser
-// here because that parser converts every number to double first (wasted work on ~5 million numbers per file,
-// and in Boost 1.81 not correctly rounded): reading a real-size file took ~4x longer with it; the report JSON still uses Boost.JSON.
+// fills a flat token "tape" and converts every number to float32 on the way (Scanner::number). It replaced
+// Boost.JSON's basic_parser here: that parser converts every number to double first (wasted work on ~5 million
+// numbers per file, and in Boost 1.81 not correctly rounded), and reading a real-size file took ~4x longer with
+// it. The analysis results JSON still uses Boost.JSON.
 //
 // NaN and +-Inf have no JSON form. Policy: they are rejected. Writing throws fpf::Error naming the value's field
 // (e.g. "runs[2].decode_steps[4].hidden_states.layer_12.pos_-1[17]"); a file holding NaN/Infinity tokens is not JSON
@@ -32,7 +33,6 @@
 #include <limits>
 #include <optional>
 #include <span>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -108,7 +108,11 @@ struct Tape {
 // points above U+10FFFF are invalid).
 inline std::size_t utf8_sequence_length(const unsigned char* s, std::size_t n) {
   unsigned char c = s[0];
-  std::size_t len = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+  std::size_t len = c < 0x80                 ? 1
+                    : c >= 0xC2 && c <= 0xDF ? 2
+                    : c >= 0xE0 && c <= 0xEF ? 3
+                    : c >= 0xF0 && c <= 0xF4 ? 4
+                                             : 0;
   if (len == 0 || len > n) return 0;
   for (std::size_t k = 1; k < len; ++k)
     if ((s[k] & 0xC0) != 0x80) return 0;
@@ -157,8 +161,10 @@ class Scanner {
   [[noreturn, gnu::cold, gnu::noinline]] void fail(const std::string& what) const {
     std::size_t line = 1, col = 1;
     for (const char* q = begin_; q < p_ && q < end_; ++q) {
-      if (*q == '\n') ++line, col = 1;
-      else ++col;
+      if (*q == '\n')
+        ++line, col = 1;
+      else
+        ++col;
     }
     std::string path = path_at_error();
     throw Error(path.empty() ? file_ : file_ + ": " + path,
@@ -289,8 +295,10 @@ class Scanner {
       if (digit()) fail("invalid number: leading zero");
     } else {
       for (; digit(); ++q) {
-        if (significant < 15) w = w * 10 + std::uint64_t(*q - '0'), ++significant;
-        else exact = exact && *q == '0', ++exp10;
+        if (significant < 15)
+          w = w * 10 + std::uint64_t(*q - '0'), ++significant;
+        else
+          exact = exact && *q == '0', ++exp10;
       }
     }
     if (q != end_ && *q == '.') {
@@ -320,8 +328,8 @@ class Scanner {
     if (exact && exp10 >= -22 && exp10 <= 22) {
       double d = exp10 < 0 ? double(w) / kPow10[-exp10] : double(w) * kPow10[exp10];
       bool halfway = (std::bit_cast<std::uint64_t>(d) & 0x1FFFFFFFull) == 0x10000000ull;  // 29 dropped bits
-      if (d == 0 || (d >= double(std::numeric_limits<float>::min()) &&
-                     d <= double(std::numeric_limits<float>::max()) && !halfway)) {
+      if (d == 0 || (d >= double(std::numeric_limits<float>::min()) && d <= double(std::numeric_limits<float>::max()) &&
+                     !halfway)) {
         t.f = negative ? -float(d) : float(d);
         t.float_ok = true;
       }
@@ -402,7 +410,10 @@ class Scanner {
     for (int i = 0; i < 4; ++i) {
       need_more();
       char c = *p_;
-      int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+      int d = c >= '0' && c <= '9'   ? c - '0'
+              : c >= 'a' && c <= 'f' ? c - 'a' + 10
+              : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                     : -1;
       if (d < 0) fail("invalid \\u escape");
       v = v * 16 + std::uint32_t(d);
       ++p_;
@@ -563,8 +574,8 @@ class Node {
         tape_->number_texts(t, [&](std::uint32_t k, std::string_view s) {
           float v;
           auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-          if (ec != std::errc() || p != s.data() + s.size()) element(k).fail("number " + std::string(s) +
-                                                                             " is not representable as float32");
+          if (ec != std::errc() || p != s.data() + s.size())
+            element(k).fail("number " + std::string(s) + " is not representable as float32");
         });
       out.assign(tape_->floats.begin() + t.a, tape_->floats.begin() + t.a + t.b);
       return;
@@ -588,7 +599,8 @@ class Node {
       tape_->number_texts(tok(), [&](std::uint32_t k, std::string_view s) {
         std::int32_t v = 0;
         auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-        if (ec != std::errc() || p != s.data() + s.size()) element(k).fail("expected an integer, found " + std::string(s));
+        if (ec != std::errc() || p != s.data() + s.size())
+          element(k).fail("expected an integer, found " + std::string(s));
         out.push_back(v);
       });
       return;
@@ -758,8 +770,8 @@ inline void read_layer_map(const Node& n, const ExtractionConfig& ec, int dim, c
       auto& v = positions[p];
       vec.floats(v);
       if (int(v.size()) != dim)
-        vec.fail("has " + std::to_string(v.size()) + " values, experiment_metadata.extraction_config." +
-                 dim_name + " is " + std::to_string(dim));
+        vec.fail("has " + std::to_string(v.size()) + " values, experiment_metadata.extraction_config." + dim_name +
+                 " is " + std::to_string(dim));
     });
     check_present(layer, positions, ec.positions, "pos_");
   });
@@ -782,9 +794,9 @@ inline taps::StepSignals read_step(const Node& n, const ExtractionConfig& ec) {
     Node probs = entry.at("log_probs");
     probs.floats(t.log_probs);
     if (int(t.token_ids.size()) != ec.top_k_logprobs)
-      entry.at("token_ids").fail("has " + std::to_string(t.token_ids.size()) +
-                                 " ids, experiment_metadata.extraction_config.top_k_logprobs is " +
-                                 std::to_string(ec.top_k_logprobs));
+      entry.at("token_ids")
+          .fail("has " + std::to_string(t.token_ids.size()) +
+                " ids, experiment_metadata.extraction_config.top_k_logprobs is " + std::to_string(ec.top_k_logprobs));
     if (t.log_probs.size() != t.token_ids.size())
       probs.fail("has " + std::to_string(t.log_probs.size()) + " values but token_ids has " +
                  std::to_string(t.token_ids.size()));
@@ -867,12 +879,18 @@ inline void put_string(std::string& o, std::string_view s) {
   for (std::size_t i = 0; i < s.size();) {
     unsigned char c = static_cast<unsigned char>(s[i]);
     if (c < 0x80) {
-      if (c == '"' || c == '\\') o += '\\', o += char(c);
-      else if (c == '\n') o += "\\n";
-      else if (c == '\t') o += "\\t";
-      else if (c == '\r') o += "\\r";
-      else if (c < 0x20) o += "\\u00", o += hex[c >> 4], o += hex[c & 15];
-      else o += char(c);
+      if (c == '"' || c == '\\')
+        o += '\\', o += char(c);
+      else if (c == '\n')
+        o += "\\n";
+      else if (c == '\t')
+        o += "\\t";
+      else if (c == '\r')
+        o += "\\r";
+      else if (c < 0x20)
+        o += "\\u00", o += hex[c >> 4], o += hex[c & 15];
+      else
+        o += char(c);
       ++i;
       continue;
     }
@@ -981,11 +999,16 @@ inline void put_variable_value(std::string& o, const VariableValue& v, const std
   std::visit(
       [&](const auto& x) {
         using T = std::decay_t<decltype(x)>;
-        if constexpr (std::is_same_v<T, std::monostate>) o += "null";
-        else if constexpr (std::is_same_v<T, bool>) o += x ? "true" : "false";
-        else if constexpr (std::is_same_v<T, std::int64_t>) put_int(o, x);
-        else if constexpr (std::is_same_v<T, double>) put_double(o, x, [&] { return where; });
-        else put_string(o, x);
+        if constexpr (std::is_same_v<T, std::monostate>)
+          o += "null";
+        else if constexpr (std::is_same_v<T, bool>)
+          o += x ? "true" : "false";
+        else if constexpr (std::is_same_v<T, std::int64_t>)
+          put_int(o, x);
+        else if constexpr (std::is_same_v<T, double>)
+          put_double(o, x, [&] { return where; });
+        else
+          put_string(o, x);
       },
       v);
 }

@@ -45,8 +45,8 @@ inline std::string utc_timestamp(std::chrono::system_clock::time_point t = std::
 
 template <class F>
 concept RepFunction = std::invocable<F&, int> &&
-                      (std::same_as<std::invoke_result_t<F&, int>, taps::SequenceSignals> ||
-                       std::same_as<std::invoke_result_t<F&, int>, std::vector<taps::SequenceSignals>>);
+    (std::same_as<std::invoke_result_t<F&, int>, taps::SequenceSignals> ||
+     std::same_as<std::invoke_result_t<F&, int>, std::vector<taps::SequenceSignals>>);
 
 // The first pair of repetitions whose signals differ.
 struct RepDivergence {
@@ -55,8 +55,7 @@ struct RepDivergence {
   compare::Divergence where;
   std::string describe(const std::string& config_id) const {
     return config_id + ": rep " + std::to_string(rep_a) + " and rep " + std::to_string(rep_b) + " differ" +
-           (sequence ? " in batch sequence " + std::to_string(sequence) : std::string()) + " at " +
-           where.describe();
+           (sequence ? " in batch sequence " + std::to_string(sequence) : std::string()) + " at " + where.describe();
   }
 };
 
@@ -146,7 +145,8 @@ ConfigurationResult run_configuration(Configuration config, F&& rep_fn, const Ru
   if (!result.divergence) {
     // All reps agree: keep the last rep's signals only.
     result.runs.back().decode_steps = std::move(outputs.back()[0].steps);
-    config.determinism = Determinism{opt.reps, true, compare::hex64(compare::fingerprint(result.runs.back().decode_steps))};
+    config.determinism =
+        Determinism{opt.reps, true, compare::hex64(compare::fingerprint(result.runs.back().decode_steps))};
   } else {
     // Keep every rep's signals so the difference can be inspected (fpf-compare shows it per rep pair).
     for (int rep = 0; rep < opt.reps; ++rep)
