@@ -156,3 +156,32 @@ TEST_CASE("runner: run_experiment writes a file that reads back") {
                       config(), [](int) { return fake_run(false); }, RunOptions{0, false}),
                   Error);
 }
+
+TEST_CASE("runner: several configurations, one nondeterministic: write_checked keeps the data and names it") {
+  fs::path dir = temp_dir("runner-multi");
+  ExperimentFile file;
+  file.experiment_metadata = meta();
+  for (int bs : {2, 4}) {
+    Configuration c = config();
+    c.config_id = "CPU_bs" + std::to_string(bs);
+    c.variable_value = std::int64_t(bs);
+    add_result(file, run_configuration(
+                         c, [&](int rep) { return fake_run(bs == 4 && rep == 1); }, RunOptions{3, false}));
+  }
+  CHECK(file.configurations[1].determinism->first_difference ==
+        "CPU_bs4: rep 0 and rep 1 differ at step 1, key_vectors, layer_2, pos_-1, element 1: 1 vs 1.00000012 (max "
+        "|diff| 1.1920929e-07 in this vector, 1.1920929e-07 over the run)");
+  std::string msg;
+  try {
+    write_checked(dir / "batch_size_experiment.json", file);
+  } catch (const CheckFailed& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("nondeterminism: CPU_bs4: rep 0 and rep 1 differ at step 1") == 0);
+  CHECK_FALSE(fs::exists(dir / "batch_size_experiment.json"));
+  ExperimentFile kept = read_experiment(dir / "batch_size_experiment.nondeterministic.json");
+  CHECK(kept.configurations[1].determinism->first_difference == file.configurations[1].determinism->first_difference);
+  CHECK(kept.runs.size() == 6);
+  CHECK(kept.runs[1].decode_steps.empty());      // CPU_bs2 agreed: last rep only
+  CHECK(kept.runs[4].decode_steps.size() == 2);  // CPU_bs4 differed: every rep
+}

@@ -185,8 +185,9 @@ inline std::string experiment_section(const ExperimentAnalysis& a) {
   s += "<table><tr><th>configuration</th><th>reps</th><th>with signals</th><th>bit-exact</th><th>runner</th></tr>";
   for (const auto& r : a.reproducibility) {
     std::string exact = r.is_exact ? (*r.is_exact ? "yes" : "NO (max L2 " + sci(r.max_distance) + ")") : "?";
-    std::string runner =
-        r.runner ? (r.runner->bit_exact ? "identical, fnv1a64 " + r.runner->signals_fnv1a64 : "DIFFERED") : "-";
+    std::string runner = r.runner ? (r.runner->bit_exact ? "identical, fnv1a64 " + r.runner->signals_fnv1a64
+                                                         : "DIFFERED: " + r.runner->first_difference)
+                                  : "-";
     s += "<tr><td>" + esc(r.config_id) + "</td><td>" + std::to_string(r.runs) + "</td><td>" +
          std::to_string(r.runs_with_signals) + "</td><td class=\"" + (r.is_exact == false ? "bad" : "") + "\">" +
          esc(exact) + "</td><td>" + esc(runner) + "</td></tr>";

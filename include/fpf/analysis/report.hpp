@@ -81,7 +81,9 @@ inline void print_text(std::ostream& o, const ExperimentAnalysis& a) {
         << (p.bit_exact ? "exact" : "DIFFERS (max L2 " + sci(p.max_distance) + ")") << "\n";
     if (r.runner)
       o << "  runner: " << r.runner->reps_compared << " reps "
-        << (r.runner->bit_exact ? "bit-identical, signals fnv1a64 " + r.runner->signals_fnv1a64 : "DIFFERED") << "\n";
+        << (r.runner->bit_exact ? "bit-identical, signals fnv1a64 " + r.runner->signals_fnv1a64
+                                : "DIFFERED: " + r.runner->first_difference)
+        << "\n";
     if (!r.is_exact) o << "  not checkable: one rep carries signals and no runner verdict is recorded\n";
   }
   o << (a.all_exact ? "ALL CHECKABLE CONFIGURATIONS ARE DETERMINISTIC\n"
@@ -252,7 +254,8 @@ inline boost::json::object report_json(const ExperimentAnalysis& a) {
     if (r.runner)
       e["runner"] = {{"reps_compared", r.runner->reps_compared},
                      {"bit_exact", r.runner->bit_exact},
-                     {"signals_fnv1a64", r.runner->signals_fnv1a64}};
+                     {"signals_fnv1a64", r.runner->signals_fnv1a64},
+                     {"first_difference", r.runner->first_difference}};
     repro[r.config_id] = e;
   }
   boost::json::object head = layer_json(a.headline());

@@ -731,6 +731,7 @@ inline Configuration read_configuration(const Node& n) {
   if (auto d = n.find("determinism")) {
     c.determinism =
         Determinism{to_int(d->at("reps_compared")), d->at("bit_exact").boolean(), d->at("signals_fnv1a64").str()};
+    if (auto f = d->find("first_difference")) c.determinism->first_difference = f->str();
   }
   return c;
 }
@@ -1076,6 +1077,8 @@ inline void put_configuration(std::string& o, const Configuration& c, int depth,
     put_int(d.key("reps_compared"), c.determinism->reps_compared);
     d.key("bit_exact") += c.determinism->bit_exact ? "true" : "false";
     put_string(d.key("signals_fnv1a64"), c.determinism->signals_fnv1a64);
+    if (!c.determinism->first_difference.empty())
+      put_string(d.key("first_difference"), c.determinism->first_difference);
     d.close();
   }
   w.close();

@@ -151,7 +151,7 @@ ConfigurationResult run_configuration(Configuration config, F&& rep_fn, const Ru
     // Keep every rep's signals so the difference can be inspected (fpf-compare shows it per rep pair).
     for (int rep = 0; rep < opt.reps; ++rep)
       result.runs[std::size_t(rep)].decode_steps = std::move(outputs[std::size_t(rep)][0].steps);
-    config.determinism = Determinism{opt.reps, false, ""};
+    config.determinism = Determinism{opt.reps, false, "", result.divergence->describe(config.config_id)};
   }
   result.configuration = std::move(config);
   return result;
@@ -172,26 +172,31 @@ inline std::filesystem::path nondeterministic_path(const std::filesystem::path& 
   return p;
 }
 
-// Runs one configuration and writes the experiment file to `out`: the whole of a `fpf-run`-style main. When the
-// reps differ, writes every rep's signals to nondeterministic_path(out) and throws fpf::CheckFailed naming the
+// Writes `file` to `out` when every configuration's reps agreed (or carry no verdict). Otherwise writes it to
+// nondeterministic_path(out), for inspection, and throws fpf::CheckFailed naming, per failing configuration, the
 // first differing rep pair, step, signal, layer, position and the max difference.
+inline void write_checked(const std::filesystem::path& out, const ExperimentFile& file) {
+  std::string failures;
+  for (const Configuration& c : file.configurations)
+    if (c.determinism && !c.determinism->bit_exact)
+      failures += (failures.empty() ? "" : "; ") + c.determinism->first_difference;
+  if (failures.empty()) return write_experiment(out, file);
+  std::filesystem::path keep = nondeterministic_path(out);
+  write_experiment(keep, file);
+  throw CheckFailed("nondeterminism: " + failures + "; all reps' signals kept in " + keep.string());
+}
+
+// Runs one configuration and writes the experiment file to `out` (write_checked): the whole of a `fpf-run`-style
+// main. A main with several configurations calls run_configuration and add_result for each, fuse_reference for
+// the baseline, then write_checked.
 template <RepFunction F>
 ExperimentFile run_experiment(Metadata meta, Configuration config, F&& rep_fn, const std::filesystem::path& out,
                               const RunOptions& opt = {}) {
   if (meta.date_created.empty()) meta.date_created = utc_timestamp();
   ExperimentFile file;
   file.experiment_metadata = std::move(meta);
-  ConfigurationResult result = run_configuration(std::move(config), std::forward<F>(rep_fn), opt);
-  std::optional<RepDivergence> divergence = result.divergence;
-  std::string config_id = result.configuration.config_id;
-  add_result(file, std::move(result));
-  if (divergence) {
-    std::filesystem::path keep = nondeterministic_path(out);
-    write_experiment(keep, file);
-    throw CheckFailed("nondeterminism: " + divergence->describe(config_id) + "; all reps' signals kept in " +
-                      keep.string());
-  }
-  write_experiment(out, file);
+  add_result(file, run_configuration(std::move(config), std::forward<F>(rep_fn), opt));
+  write_checked(out, file);
   return file;
 }
 

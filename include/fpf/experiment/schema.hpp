@@ -64,7 +64,8 @@ struct Timing {
 struct Determinism {
   int reps_compared = 0;
   bool bit_exact = false;
-  std::string signals_fnv1a64;  // 16 lowercase hex digits
+  std::string signals_fnv1a64;   // 16 lowercase hex digits (empty when the reps differ)
+  std::string first_difference;  // where the reps first differ (empty when they agree)
   friend bool operator==(const Determinism&, const Determinism&) = default;
 };
 
