@@ -8,7 +8,7 @@ SUDO=""
 pkgs=(build-essential cmake ninja-build pkg-config git python3
       libxtensor-dev libboost-json1.81-dev doctest-dev libbenchmark-dev libcli11-dev libfmt-dev
       libpcre2-dev libutf8proc-dev libpoppler-cpp-dev)
-if [ "${1:-}" = "--report" ] || [ -n "${FPF_WITH_CHROMIUM:-}" ]; then pkgs+=(chromium); fi
+if [ "${1:-}" = "--report" ] || [ -n "${FPF_WITH_CHROMIUM:-}" ]; then pkgs+=(chromium python3-numpy); fi
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
