@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
     if (model_name.empty()) model_name = fs::absolute(model_dir).parent_path().filename().string();
 
     // The seed's reference: batch 1, flash attention, no graph capture, no concurrent load, one device.
-    return fpf::with_setup(backend, "flash", [&]<class S>() {
+    return fpf::with_setup_for(model_dir, backend, "flash", [&]<class S>() {
       fpf::Engine<S> engine(model_dir, fpf::EngineOptions{precision});
       auto meta = fpf::describe_experiment(cfg, model_name, "reference", "none", spec, steps,
                                            static_cast<std::int64_t>(prompt.length()));

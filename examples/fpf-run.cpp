@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
     if (model_name.empty()) model_name = std::filesystem::path(model_dir).lexically_normal().filename().string();
     if (model_name.empty()) model_name = std::filesystem::absolute(model_dir).parent_path().filename().string();
 
-    return fpf::with_setup(backend, attention, [&]<class S>() {
+    return fpf::with_setup_for(model_dir, backend, attention, [&]<class S>() {
       fpf::Engine<S> engine(model_dir, fpf::EngineOptions{precision});
       auto meta = fpf::describe_experiment(cfg, model_name, "single_run", "none", spec, steps,
                                            static_cast<std::int64_t>(prompts[0].size()));

@@ -5,6 +5,7 @@
 // The CUDA Setups exist only in translation units compiled by nvcc (__CUDACC__) in a build with the CUDA backend
 // (FPF_WITH_CUDA adds examples that need it as CUDA sources, see examples/CMakeLists.txt); a plain C++ build keeps
 // compiling the same program, and `--backend cuda` then says that this build has no CUDA backend.
+#include <filesystem>
 #include <string>
 #include <string_view>
 
@@ -12,7 +13,11 @@
 #include <fpf/backend/cpu/backend.hpp>
 #include <fpf/core/error.hpp>
 #include <fpf/engine/setup.hpp>
+#include <fpf/quant/awq.hpp>
+#include <fpf/quant/config.hpp>
 #include <fpf/quant/dense.hpp>
+#include <fpf/quant/gptq.hpp>
+#include <fpf/quant/nf4.hpp>
 
 #if defined(__CUDACC__)
 #include <fpf/backend/cuda/backend.cuh>
@@ -21,16 +26,33 @@
 
 namespace fpf {
 
+namespace dispatch_detail {
+
+template <class Q, class Fn>
+int with_attention_cpu(std::string_view attention, Fn& fn) {
+  if (attention == "eager") return fn.template operator()<Setup<Q, attn::Eager, par::Single, cpu::Backend>>();
+  return fn.template operator()<Setup<Q, attn::Flash<>, par::Single, cpu::Backend>>();
+}
+
+}  // namespace dispatch_detail
+
+// quant: "dense", "awq", "gptq" or "nf4" (quant::policy_name of the checkpoint's quantization_config).
 template <class Fn>
-int with_setup(std::string_view backend, std::string_view attention, Fn&& fn) {
+int with_setup(std::string_view backend, std::string_view attention, std::string_view quant, Fn&& fn) {
   if (attention != "eager" && attention != "flash")
     throw Error("--attention", "unknown attention '" + std::string(attention) + "' (eager or flash)");
+  if (quant != "dense" && quant != "awq" && quant != "gptq" && quant != "nf4")
+    throw Error("quantization_config", "unknown scheme '" + std::string(quant) + "' (dense, awq, gptq or nf4)");
   if (backend == "cpu") {
-    if (attention == "eager") return fn.template operator()<Setup<quant::Dense, attn::Eager, par::Single, cpu::Backend>>();
-    return fn.template operator()<Setup<quant::Dense, attn::Flash<>, par::Single, cpu::Backend>>();
+    if (quant == "awq") return dispatch_detail::with_attention_cpu<quant::Awq<4>>(attention, fn);
+    if (quant == "gptq") return dispatch_detail::with_attention_cpu<quant::Gptq<4>>(attention, fn);
+    if (quant == "nf4") return dispatch_detail::with_attention_cpu<quant::Nf4>(attention, fn);
+    return dispatch_detail::with_attention_cpu<quant::Dense>(attention, fn);
   }
   if (backend == "cuda") {
 #if defined(FPF_HAVE_CUDA_BACKEND)
+    if (quant != "dense")
+      throw Error("--backend", "the CUDA backend has no " + std::string(quant) + " kernels yet (use --backend cpu)");
     if (attention == "eager") return fn.template operator()<Setup<quant::Dense, attn::Eager, par::Single, cuda::Backend>>();
     return fn.template operator()<Setup<quant::Dense, attn::Flash<>, par::Single, cuda::Backend>>();
 #else
@@ -38,6 +60,19 @@ int with_setup(std::string_view backend, std::string_view attention, Fn&& fn) {
 #endif
   }
   throw Error("--backend", "unknown backend '" + std::string(backend) + "' (cpu or cuda)");
+}
+
+// The checkpoint's own scheme, read from config.json's quantization_config.
+template <class Fn>
+int with_setup_for(const std::filesystem::path& model_dir, std::string_view backend, std::string_view attention,
+                   Fn&& fn) {
+  return with_setup(backend, attention, quant::policy_name(quant::load_quant_config(model_dir)), fn);
+}
+
+// Unquantized checkpoints.
+template <class Fn>
+int with_setup(std::string_view backend, std::string_view attention, Fn&& fn) {
+  return with_setup(backend, attention, "dense", fn);
 }
 
 }  // namespace fpf
