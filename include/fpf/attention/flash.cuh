@@ -1,8 +1,12 @@
 #pragma once
 // attn::Flash<Bc> on the GPU: the same algorithm as Flash<Bc>::cpu: the keys in tiles of Bc with an online
 // softmax (running max m, running sum l, output rescaled by exp(m_old - m_new) when the max grows), normalized
-// once at the end. One warp per (query row, head): lane j scores key j of a tile (Bc <= 32), lane i owns output
-// dims i, i + 32, ...; the tile's sum uses one fixed butterfly order and keys are accumulated in index order.
+// once at the end. One block per (query row, KV head) with one warp per query head of the GQA group: each tile of
+// Bc keys and values is loaded once into shared memory (coalesced) and read by every head of the group. In a warp,
+// lane j scores key j of the tile (Bc <= 32) as one sequential dot product, lane i owns output dims i, i + 32, ...;
+// the tile's sum uses one fixed butterfly order and keys are accumulated in index order.
+// Decode (few rows): each row's keys are split into chunks of whole tiles over blocks (flash-decoding); each chunk
+// keeps its own (m, l, unnormalized output) and k_flash_combine merges the chunks in chunk order.
 #include <fpf/attention/attention.hpp>
 #include <fpf/attention/cuda_args.cuh>
 
@@ -10,14 +14,15 @@ namespace fpf::attn {
 
 namespace detail {
 
-// Without split: one warp walks all keys and writes the normalized output. With split (Split = true): warp z walks
-// keys [z * chunk, (z + 1) * chunk) (chunk a multiple of Bc, so the tiles are the same) and writes its unnormalized
-// output with its running max and sum; k_flash_combine merges the chunks in order.
-template <class T, int Bc, int DR, bool Split = false>
+template <class T, int Bc, int DR, bool Split>
 __global__ void k_flash(CudaArgs<T> a) {
-  __shared__ float qs[DR * 32];
-  const int D = a.head_dim, r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
-  const int kvh = h / (a.num_heads / a.num_kv_heads), kv_stride = a.num_kv_heads * D;
+  extern __shared__ float smem[];
+  constexpr int Vn = cuda::ops::Vec<T>::n;
+  const int D = a.head_dim, r = blockIdx.x, kvh = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = blockDim.x >> 5, h = kvh * G + w, kv_stride = a.num_kv_heads * D, KS = D + Vn;  // KS: padded row
+  float* qs = smem + w * (DR * 32);
+  T* Ks = reinterpret_cast<T*>(smem + G * (DR * 32));
+  T* Vs = Ks + Bc * KS;
   const int n_all = a.row_pos[r] + 1;
   constexpr int chunk = (kSplitKeys + Bc - 1) / Bc * Bc;
   const int j_begin = Split ? static_cast<int>(blockIdx.z) * chunk : 0;
@@ -26,19 +31,26 @@ __global__ void k_flash(CudaArgs<T> a) {
   const T* K = a.kcache[a.row_seq[r]] + kvh * D;
   const T* V = a.vcache[a.row_seq[r]] + kvh * D;
   for (int d = lane; d < D; d += 32) qs[d] = cuda::to_f(q[d]);
-  __syncwarp();
-  constexpr int Vn = cuda::ops::Vec<T>::n;
   float acc[DR];
 #pragma unroll
   for (int i = 0; i < DR; ++i) acc[i] = 0.0f;
   float m = -INFINITY, l = 0.0f;
+  const int vec_per_row = D / Vn;
   for (int j0 = j_begin; j0 < n; j0 += Bc) {
     const int nb = min(Bc, n - j0);
+    __syncthreads();  // the previous tile is consumed (and qs written, on the first pass)
+    for (int idx = threadIdx.x; idx < nb * vec_per_row; idx += blockDim.x) {
+      const int row = idx / vec_per_row, c = idx % vec_per_row;
+      const std::size_t src = static_cast<std::size_t>(j0 + row) * kv_stride + c * Vn;
+      *reinterpret_cast<cuda::ops::Vec<T>*>(Ks + row * KS + c * Vn) = *reinterpret_cast<const cuda::ops::Vec<T>*>(K + src);
+      *reinterpret_cast<cuda::ops::Vec<T>*>(Vs + row * D + c * Vn) = *reinterpret_cast<const cuda::ops::Vec<T>*>(V + src);
+    }
+    __syncthreads();
     float s = -INFINITY;
     if (lane < nb) {
-      const auto* kr = reinterpret_cast<const cuda::ops::Vec<T>*>(K + static_cast<std::size_t>(j0 + lane) * kv_stride);
+      const auto* kr = reinterpret_cast<const cuda::ops::Vec<T>*>(Ks + lane * KS);
       float d0 = 0.0f;
-      for (int c = 0; c < D / Vn; ++c) {
+      for (int c = 0; c < vec_per_row; ++c) {
         const cuda::ops::Vec<T> kv = kr[c];
 #pragma unroll
         for (int i = 0; i < Vn; ++i) d0 += qs[c * Vn + i] * cuda::to_f(kv.v[i]);
@@ -51,17 +63,19 @@ __global__ void k_flash(CudaArgs<T> a) {
     l = l * corr + cuda::warp_sum(p);
 #pragma unroll
     for (int i = 0; i < DR; ++i) acc[i] *= corr;
-    for (int jj = 0; jj < nb; ++jj) {
+#pragma unroll
+    for (int jj = 0; jj < Bc; ++jj) {
+      if (jj >= nb) break;
       const float pj = __shfl_sync(0xffffffffu, p, jj);
-      const T* vr = V + static_cast<std::size_t>(j0 + jj) * kv_stride;
+      const T* vr = Vs + jj * D;
 #pragma unroll
       for (int i = 0; i < DR; ++i)
         if (lane + 32 * i < D) acc[i] += pj * cuda::to_f(vr[lane + 32 * i]);
     }
     m = m_new;
   }
+  const std::size_t rh = static_cast<std::size_t>(r) * a.num_heads + h;
   if constexpr (Split) {
-    const std::size_t rh = static_cast<std::size_t>(r) * a.num_heads + h;
     float* part = a.scratch + (rh * gridDim.z + blockIdx.z) * (D + 2);
 #pragma unroll
     for (int i = 0; i < DR; ++i)
@@ -70,7 +84,7 @@ __global__ void k_flash(CudaArgs<T> a) {
     return;
   }
   const float inv_l = 1.0f / l;
-  T* o = a.out + static_cast<std::size_t>(r) * a.num_heads * D + h * D;
+  T* o = a.out + rh * D;
 #pragma unroll
   for (int i = 0; i < DR; ++i)
     if (lane + 32 * i < D) o[lane + 32 * i] = cuda::from_f<T>(acc[i] * inv_l);
@@ -100,6 +114,21 @@ __global__ void k_flash_combine(CudaArgs<T> a, int chunks) {
   }
 }
 
+template <class T, int Bc, bool Split>
+void launch_flash(const CudaArgs<T>& a, dim3 grid, cudaStream_t s) {
+  const int G = a.num_heads / a.num_kv_heads;
+  auto go = [&]<int DR>() {
+    const std::size_t smem = static_cast<std::size_t>(G) * DR * 32 * sizeof(float) +
+                             static_cast<std::size_t>(Bc) * (2 * a.head_dim + cuda::ops::Vec<T>::n) * sizeof(T);
+    if (smem > 48 * 1024)
+      FPF_CUDA(cudaFuncSetAttribute(k_flash<T, Bc, DR, Split>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    k_flash<T, Bc, DR, Split><<<grid, 32 * G, smem, s>>>(a);
+  };
+  if (a.head_dim <= 32) go.template operator()<1>();
+  else if (a.head_dim <= 128) go.template operator()<4>();
+  else go.template operator()<8>();
+}
+
 }  // namespace detail
 
 template <int Bc>
@@ -110,21 +139,17 @@ struct Cuda<Flash<Bc>> {
     if (a.rows == 0) return;
     if (a.head_dim % 8 != 0 || a.head_dim > 256)
       throw Error("config.json: head_dim", "the CUDA attention kernels need a multiple of 8, at most 256");
-    const dim3 grid(a.rows, a.num_heads);
+    if (a.num_heads % a.num_kv_heads != 0 || a.num_heads / a.num_kv_heads > 32)
+      throw Error("config.json: num_key_value_heads", "the CUDA flash kernel needs at most 32 query heads per KV head");
     if (a.scratch && a.rows <= kSplitMaxRows) {
       constexpr int chunk = (kSplitKeys + Bc - 1) / Bc * Bc;
       const int chunks = (a.max_keys + chunk - 1) / chunk;
-      const dim3 g3(a.rows, a.num_heads, chunks);
-      if (a.head_dim <= 32) detail::k_flash<T, Bc, 1, true><<<g3, 32, 0, s>>>(a);
-      else if (a.head_dim <= 128) detail::k_flash<T, Bc, 4, true><<<g3, 32, 0, s>>>(a);
-      else detail::k_flash<T, Bc, 8, true><<<g3, 32, 0, s>>>(a);
-      detail::k_flash_combine<T><<<grid, 32, 0, s>>>(a, chunks);
+      detail::launch_flash<T, Bc, true>(a, dim3(a.rows, a.num_kv_heads, chunks), s);
+      detail::k_flash_combine<T><<<dim3(a.rows, a.num_heads), 32, 0, s>>>(a, chunks);
       FPF_CUDA_LAUNCH("attention flash (split keys)");
       return;
     }
-    if (a.head_dim <= 32) detail::k_flash<T, Bc, 1><<<grid, 32, 0, s>>>(a);
-    else if (a.head_dim <= 128) detail::k_flash<T, Bc, 4><<<grid, 32, 0, s>>>(a);
-    else detail::k_flash<T, Bc, 8><<<grid, 32, 0, s>>>(a);
+    detail::launch_flash<T, Bc, false>(a, dim3(a.rows, a.num_kv_heads), s);
     FPF_CUDA_LAUNCH("attention flash");
   }
 };

@@ -257,7 +257,19 @@ class Impl {
         a.scratch = attn_scratch_.get();
       }
       timer_.mark("qknorm_rope");
-      attn::Cuda<Attention>::template run<T>(a);
+      if constexpr (std::is_same_v<Attention, attn::Eager>) {
+        if (R > attn::kSplitMaxRows) {  // prefill: materialized scores through cuBLASLt, per sequence and head
+          std::vector<attn::EagerSeq<T>> segs;
+          for (int b = 0; b < B; ++b)
+            segs.push_back({first_row[b], static_cast<int>(chunks[static_cast<std::size_t>(b)].tokens.size()), p0[b],
+                            seqs_[b].k[static_cast<std::size_t>(l)].get(), seqs_[b].v[static_cast<std::size_t>(l)].get()});
+          attn::Cuda<attn::Eager>::run_gemm<T>(a, segs, gemm_, eager_s_, eager_p_);
+        } else {
+          attn::Cuda<Attention>::template run<T>(a);
+        }
+      } else {
+        attn::Cuda<Attention>::template run<T>(a);
+      }
       timer_.mark("attention");
       gemm_.linear<T>(att_.get(), R, L.o.get(), H, q_dim, tmp_.get());
       ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H);
@@ -491,7 +503,8 @@ class Impl {
   bool tables_dirty_ = true;
   DeviceBuffer<T*> kptr_, vptr_;
   DeviceBuffer<std::int32_t> meta_, route_ids_, top_;
-  DeviceBuffer<float> route_wts_, stage_, top_lp_, attn_scratch_;
+  DeviceBuffer<float> route_wts_, stage_, top_lp_, attn_scratch_, eager_s_;
+  DeviceBuffer<T> eager_p_;
   DeviceBuffer<T> x_, h_, tmp_, qkv_, att_, gu_, act_, ye_, xg_, rlogits_, hc_, logits_;
 };
 

@@ -50,8 +50,17 @@ class Gemm {
   void linear(const T* X, int M, const T* W, int N, int K, T* Y, cudaStream_t s = 0, bool force_lt = false) {
     if (M == 0) return;
     if (M <= ops::kGemvMaxRows && !force_lt) return ops::gemv<T>(X, M, W, N, K, Y, s);
-    const Plan& p = plan<T>(M, N, K, align(X), align(W), align(Y));
-    const float alpha = 1.0f, beta = 0.0f;
+    gemm<T, T>(X, K, M, W, K, /*w_is_nk=*/true, N, K, Y, N, 1.0f, s);
+  }
+
+  // The general product on row-major matrices with leading dimensions: Y[M, N] (ld ldy, type TY) = alpha * X[M, K]
+  // (ld ldx) * op(W), where op(W) = W^T for W [N, K] (w_is_nk) or W for W [K, N], ld ldw. fp32 accumulation.
+  template <class T, class TY>
+  void gemm(const T* X, int ldx, int M, const T* W, int ldw, bool w_is_nk, int N, int K, TY* Y, int ldy, float alpha,
+            cudaStream_t s = 0) {
+    if (M == 0 || N == 0) return;
+    const Plan& p = plan<T, TY>(M, N, K, ldx, ldw, ldy, w_is_nk, align(X), align(W), align(Y));
+    const float beta = 0.0f;
     FPF_LT(cublasLtMatmul(h_, p.desc, &alpha, W, p.a, X, p.b, &beta, Y, p.c, Y, p.c, &p.algo, workspace_.get(),
                           kWorkspaceBytes, s));
   }
@@ -64,7 +73,7 @@ class Gemm {
     cublasLtMatrixLayout_t a{}, b{}, c{};
     cublasLtMatmulAlgo_t algo{};
   };
-  using Key = std::tuple<int, int, int, int, unsigned, unsigned, unsigned>;
+  using Key = std::tuple<int, int, int, int, int, int, int, int, int, unsigned, unsigned, unsigned>;
 
   static unsigned align(const void* p) {
     const auto a = reinterpret_cast<std::uintptr_t>(p);
@@ -73,20 +82,21 @@ class Gemm {
     return al;
   }
 
-  template <class T>
-  const Plan& plan(int M, int N, int K, unsigned ax, unsigned aw, unsigned ay) {
-    const Key key{M, N, K, static_cast<int>(cuda_type<T>()), ax, aw, ay};
+  template <class T, class TY>
+  const Plan& plan(int M, int N, int K, int ldx, int ldw, int ldy, bool w_is_nk, unsigned ax, unsigned aw, unsigned ay) {
+    const Key key{M, N, K, ldx, ldw, ldy, w_is_nk ? 1 : 0, static_cast<int>(cuda_type<T>()), static_cast<int>(cuda_type<TY>()), ax, aw, ay};
     if (auto it = plans_.find(key); it != plans_.end()) return it->second;
     Plan p;
-    const cudaDataType_t t = cuda_type<T>();
+    const cudaDataType_t t = cuda_type<T>(), ty = cuda_type<TY>();
     FPF_LT(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t opT = CUBLAS_OP_T, opN = CUBLAS_OP_N;
-    FPF_LT(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof opT));
+    const cublasOperation_t opA = w_is_nk ? CUBLAS_OP_T : CUBLAS_OP_N, opN = CUBLAS_OP_N;
+    FPF_LT(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &opA, sizeof opA));
     FPF_LT(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &opN, sizeof opN));
-    // Column-major view: Y^T [N, M] = W [K, N]^T * X^T [K, M].
-    FPF_LT(cublasLtMatrixLayoutCreate(&p.a, t, K, N, K));
-    FPF_LT(cublasLtMatrixLayoutCreate(&p.b, t, K, M, K));
-    FPF_LT(cublasLtMatrixLayoutCreate(&p.c, t, N, M, N));
+    // Column-major view: Y^T [N, M] = op(W) [N, K] * X^T [K, M].
+    if (w_is_nk) FPF_LT(cublasLtMatrixLayoutCreate(&p.a, t, K, N, ldw));
+    else FPF_LT(cublasLtMatrixLayoutCreate(&p.a, t, N, K, ldw));
+    FPF_LT(cublasLtMatrixLayoutCreate(&p.b, t, K, M, ldx));
+    FPF_LT(cublasLtMatrixLayoutCreate(&p.c, ty, N, M, ldy));
     cublasLtMatmulPreference_t pref{};
     FPF_LT(cublasLtMatmulPreferenceCreate(&pref));
     const std::uint64_t ws = kWorkspaceBytes;

@@ -379,7 +379,7 @@ void moe_gemv(const T* X, int x_div, const T* W, const std::int32_t* ids, int sl
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// log_softmax over the full vocabulary + top-k + argmax, one block per row. lp = (x - max) - log(sum exp(x - max)),
+// log_softmax over the full vocabulary + top-k + argmax. lp = (x - max) - log(sum exp(x - max)),
 // the sum in double (as the CPU reference); top-k by lp descending, ties to the lower id; argmax over the logits,
 // first maximum.
 // ---------------------------------------------------------------------------------------------------------------
@@ -399,46 +399,119 @@ __device__ __forceinline__ void block_best(float& bv, int& bi, float* sv, int* s
   for (int o = 16; o > 0; o >>= 1) better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
 }
 
+// Three passes over slices of the row so that one row keeps many blocks busy (decode has one row per sequence):
+//   1. per slice: max and first argmax;
+//   2. per slice: m = the row max (the slices' maxima combined in slice order), sum exp(x - m) in double (fixed
+//      tree), and the slice's top (k + 4) logits (value descending, ties to the lower id);
+//   3. per row: logsum = log(sum of the slices' sums in slice order); lp = (x - m) - logsum of the candidates,
+//      top-k by lp descending, ties to the lower id (as the CPU reference ranks lp, not x; lp is x shifted, so the
+//      candidates hold the top-k unless more than 4 ids of one slice round to the same lp).
+inline constexpr int kLsmSlices = 64, kLsmExtra = 4;
+
+__device__ __forceinline__ float row_max_of_slices(const float* pmax, int S) {
+  float m = -INFINITY;
+  for (int s = 0; s < S; ++s) m = fmaxf(m, pmax[s]);
+  return m;
+}
+
 template <class T>
-__global__ void k_log_softmax_topk(const T* __restrict__ logits, long long V, int k, std::int32_t* __restrict__ top_ids,
-                                   float* __restrict__ top_lp, std::int32_t* __restrict__ argmax) {
+__global__ void k_lsm_max(const T* __restrict__ logits, long long V, float* __restrict__ pmax, int* __restrict__ parg) {
   __shared__ float sv[32];
   __shared__ int si[32];
-  __shared__ double sd[32];
-  __shared__ int chosen[256];
+  const long long slice = (V + gridDim.y - 1) / gridDim.y, b = blockIdx.y * slice, e = min(V, b + slice);
   const T* x = logits + static_cast<std::size_t>(blockIdx.x) * V;
   float bv = -INFINITY;
   int bi = 0x7fffffff;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) better(bv, bi, to_f(x[i]), i);
+  for (long long i = b + threadIdx.x; i < e; i += blockDim.x) better(bv, bi, to_f(x[i]), static_cast<int>(i));
   block_best(bv, bi, sv, si);
-  const float m = bv;
-  if (threadIdx.x == 0) argmax[blockIdx.x] = bi;
+  if (threadIdx.x == 0) pmax[blockIdx.x * gridDim.y + blockIdx.y] = bv, parg[blockIdx.x * gridDim.y + blockIdx.y] = bi;
+}
+
+template <class T>
+__global__ void k_lsm_sum_cand(const T* __restrict__ logits, long long V, int K, const float* __restrict__ pmax,
+                               double* __restrict__ psum, int* __restrict__ cid, float* __restrict__ cval) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  __shared__ double sd[32];
+  __shared__ int chosen[256 + kLsmExtra];
+  const int S = gridDim.y, slot = blockIdx.x * S + blockIdx.y;
+  const long long slice = (V + S - 1) / S, b = blockIdx.y * slice, e = min(V, b + slice);
+  const T* x = logits + static_cast<std::size_t>(blockIdx.x) * V;
+  const float m = row_max_of_slices(pmax + blockIdx.x * S, S);
   double sum = 0.0;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += exp(static_cast<double>(to_f(x[i]) - m));
+  for (long long i = b + threadIdx.x; i < e; i += blockDim.x) sum += exp(static_cast<double>(to_f(x[i]) - m));
   sum = block_sum(sum, sd);
-  const float logsum = static_cast<float>(log(sum));
-  for (int s = 0; s < k; ++s) {
-    bv = -INFINITY, bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+  if (threadIdx.x == 0) psum[slot] = sum;
+  for (int s = 0; s < K; ++s) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (long long i = b + threadIdx.x; i < e; i += blockDim.x) {
       bool taken = false;
       for (int t = 0; t < s; ++t) taken |= chosen[t] == i;
-      if (!taken) better(bv, bi, (to_f(x[i]) - m) - logsum, i);
+      if (!taken) better(bv, bi, to_f(x[i]), static_cast<int>(i));
     }
     block_best(bv, bi, sv, si);
-    if (threadIdx.x == 0) {
-      chosen[s] = bi;
-      top_ids[blockIdx.x * k + s] = bi;
-      top_lp[blockIdx.x * k + s] = bv;
-    }
+    if (threadIdx.x == 0) chosen[s] = bi, cid[static_cast<std::size_t>(slot) * K + s] = bi, cval[static_cast<std::size_t>(slot) * K + s] = bv;
     __syncthreads();
   }
 }
+
+// One warp per row.
+template <class = void>
+__global__ void k_lsm_final(const float* __restrict__ pmax, const int* __restrict__ parg, const double* __restrict__ psum,
+                            const int* __restrict__ cid, const float* __restrict__ cval, int S, int K, int k,
+                            std::int32_t* __restrict__ top_ids, float* __restrict__ top_lp, std::int32_t* __restrict__ argmax) {
+  __shared__ int chosen[256];
+  const int r = blockIdx.x, lane = threadIdx.x;
+  const float m = row_max_of_slices(pmax + r * S, S);
+  double sum = 0.0;
+  for (int s = 0; s < S; ++s) sum += psum[r * S + s];
+  const float logsum = static_cast<float>(log(sum));
+  if (lane == 0) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int s = 0; s < S; ++s) better(bv, bi, pmax[r * S + s], parg[r * S + s]);
+    argmax[r] = bi;
+  }
+  const int n = S * K;
+  const int* ids = cid + static_cast<std::size_t>(r) * n;
+  const float* vals = cval + static_cast<std::size_t>(r) * n;
+  for (int s = 0; s < k; ++s) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int c = lane; c < n; c += 32) {
+      const int id = ids[c];
+      if (id == 0x7fffffff) continue;  // a slice with fewer than K values
+      bool taken = false;
+      for (int t = 0; t < s; ++t) taken |= chosen[t] == id;
+      if (!taken) better(bv, bi, (vals[c] - m) - logsum, id);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+    if (lane == 0) chosen[s] = bi, top_ids[r * k + s] = bi, top_lp[r * k + s] = bv;
+    __syncwarp();
+  }
+}
+
 template <class T>
 void log_softmax_topk(const T* logits, int rows, long long V, int k, std::int32_t* top_ids, float* top_lp,
                       std::int32_t* argmax, cudaStream_t s = 0) {
   if (rows == 0) return;
   if (k > 256) throw Error("--topk", "the CUDA backend supports at most 256");
-  k_log_softmax_topk<T><<<rows, 1024, 0, s>>>(logits, V, k, top_ids, top_lp, argmax);
+  static DeviceBuffer<float> pmax, cval;
+  static DeviceBuffer<int> parg, cid;
+  static DeviceBuffer<double> psum;
+  const int S = static_cast<int>(std::min<long long>(kLsmSlices, (V + 255) / 256));
+  const int K = static_cast<int>(std::min<long long>(k + kLsmExtra, (V + S - 1) / S));
+  pmax.resize(static_cast<std::size_t>(rows) * S);
+  parg.resize(static_cast<std::size_t>(rows) * S);
+  psum.resize(static_cast<std::size_t>(rows) * S);
+  cid.resize(static_cast<std::size_t>(rows) * S * K);
+  cval.resize(static_cast<std::size_t>(rows) * S * K);
+  const dim3 grid(rows, S);
+  k_lsm_max<T><<<grid, 256, 0, s>>>(logits, V, pmax.get(), parg.get());
+  k_lsm_sum_cand<T><<<grid, 256, 0, s>>>(logits, V, K, pmax.get(), psum.get(), cid.get(), cval.get());
+  k_lsm_final<><<<rows, 32, 0, s>>>(pmax.get(), parg.get(), psum.get(), cid.get(), cval.get(), S, K, k, top_ids, top_lp, argmax);
   FPF_CUDA_LAUNCH("log_softmax_topk");
 }
 
