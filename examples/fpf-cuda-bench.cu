@@ -207,6 +207,7 @@ int main(int argc, char** argv) {
         typename S::backend::template Model<S> model(ckpt, cfg, fpf::EngineOptions{precision});
         std::printf("%s: weights loaded in %.1f s\n", attention.c_str(), std::chrono::duration<double>(Clock::now() - t0).count());
         std::vector<fpf::Captured> seq0_bs1;
+        std::vector<std::int32_t> bs1_tokens;
         for (int B : batches) {
           std::vector<std::vector<std::int32_t>> prompts(all.begin(), all.begin() + B);
           run_once(model, prompts, std::min(steps, 2), spec);  // warm-up (clocks, cuBLASLt plans, allocations)
@@ -217,12 +218,14 @@ int main(int argc, char** argv) {
           all_ok = all_ok && same;
           std::vector<double> pre, dec;
           for (const Run& r : runs) pre.push_back(r.prefill_ms), dec.push_back(r.decode_ms_per_token);
-          // Sequence 0 against batch 1.
-          double worst_h = 0, worst_k = 0, worst_lp = 0;
-          int first_token_diff = -1;
+          // Sequence 0 against batch 1: step 0 (the prefill's captured positions) on its own, then every later step
+          // while the greedy tokens so far agree (after a divergence the two runs feed different tokens).
+          double worst_h = 0, worst_k = 0, worst_lp = 0, pre_h = 0, pre_k = 0, pre_lp = 0;
+          int first_token_diff = -1, compared_steps = 0;
           if (B == 1) seq0_bs1 = runs[0].seq0;
           else if (!seq0_bs1.empty()) {
             for (std::size_t s = 0; s < runs[0].seq0.size() && s < seq0_bs1.size(); ++s) {
+              bool token_diff = false;
               for (const auto& [pos, ps] : runs[0].seq0[s]) {
                 auto it = seq0_bs1[s].find(pos);
                 if (it == seq0_bs1[s].end()) continue;
@@ -230,10 +233,19 @@ int main(int argc, char** argv) {
                 for (const auto& [l, v] : ps.keys) worst_k = std::max(worst_k, rel_l2(v, it->second.keys.at(l)));
                 if (ps.logprobs.token_ids == it->second.logprobs.token_ids)
                   worst_lp = std::max(worst_lp, rel_l2(ps.logprobs.log_probs, it->second.logprobs.log_probs));
-                if (ps.argmax != it->second.argmax && first_token_diff < 0) first_token_diff = static_cast<int>(s);
+                else
+                  worst_lp = std::max(worst_lp, 1.0);  // the top-k ids themselves differ
+              }
+              if (runs[0].tokens[0][s] != bs1_tokens[s]) token_diff = true;
+              if (s == 0) pre_h = worst_h, pre_k = worst_k, pre_lp = worst_lp;
+              ++compared_steps;
+              if (token_diff) {
+                first_token_diff = static_cast<int>(s);
+                break;
               }
             }
           }
+          if (B == 1) bs1_tokens = runs[0].tokens[0];
           std::printf("%s bs%d: %d reps %s (seq0 hash %016llx); prefill %.1f ms (%d tokens/seq), decode %.2f ms/token "
                       "[prefill reps:",
                       attention.c_str(), B, reps, same ? "bit-identical" : "DIFFER", static_cast<unsigned long long>(runs[0].hash[0]),
@@ -245,15 +257,17 @@ int main(int argc, char** argv) {
           for (auto t : runs[0].tokens[0]) std::printf(" %d", t);
           std::printf("\n");
           if (B > 1)
-            std::printf("  seq0 vs bs1: max rel L2 hidden %.3g key %.3g logprob %.3g; first differing greedy token at step %d\n", worst_h,
-                        worst_k, worst_lp, first_token_diff);
+            std::printf("  seq0 vs bs1: prefill (step 0) max rel L2 hidden %.3g key %.3g logprob %.3g; over the %d steps with the "
+                        "same inputs: hidden %.3g key %.3g logprob %.3g; first differing greedy token at step %d (-1: none)\n",
+                        pre_h, pre_k, pre_lp, compared_steps, worst_h, worst_k, worst_lp, first_token_diff);
           if (js)
             std::fprintf(js,
                          "{\"attention\":\"%s\",\"batch\":%d,\"reps\":%d,\"bit_identical\":%s,\"prefill_ms\":%.3f,"
-                         "\"decode_ms_per_token\":%.4f,\"seq0_vs_bs1_hidden\":%.6g,\"seq0_vs_bs1_key\":%.6g,\"seq0_vs_bs1_logprob\":%.6g,"
-                         "\"first_token_diff_step\":%d}\n",
-                         attention.c_str(), B, reps, same ? "true" : "false", median(pre), median(dec), worst_h, worst_k, worst_lp,
-                         first_token_diff);
+                         "\"decode_ms_per_token\":%.4f,\"seq0_vs_bs1_prefill_hidden\":%.6g,\"seq0_vs_bs1_prefill_key\":%.6g,"
+                         "\"seq0_vs_bs1_prefill_logprob\":%.6g,\"seq0_vs_bs1_hidden\":%.6g,\"seq0_vs_bs1_key\":%.6g,"
+                         "\"seq0_vs_bs1_logprob\":%.6g,\"first_token_diff_step\":%d}\n",
+                         attention.c_str(), B, reps, same ? "true" : "false", median(pre), median(dec), pre_h, pre_k, pre_lp, worst_h,
+                         worst_k, worst_lp, first_token_diff);
           std::fflush(stdout);
         }
         return 0;
