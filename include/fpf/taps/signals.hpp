@@ -34,6 +34,8 @@ struct StepSignals {
   LayerPosMap hidden_states;    // hidden_size values each
   LayerPosMap key_vectors;      // num_kv_heads * head_dim values each, head-major
   std::map<int, TopK> logprobs;  // position -> top-k
+  // Equal values (floats compared as numbers: -0 == +0); compare::first_divergence is the bit-exact check.
+  friend bool operator==(const StepSignals&, const StepSignals&) = default;
 };
 
 // One sequence's run: the prompt it was given and one entry per decode step.
