@@ -15,6 +15,7 @@ if(FPF_WITH_CUDA)
   foreach(_case IN ITEMS "cuda ops fp32*" "cuda ops bf16*" "cuda ops fp16*" "cuda engine fp32*" "cuda engine: a sequence*"
                          "cuda engine bf16*")
     string(REGEX REPLACE "[^a-z0-9]+" "_" _name "${_case}")
+    string(REGEX REPLACE "_$" "" _name "${_name}")
     add_test(NAME cuda.${_name} COMMAND fpf_cuda_tests "--test-case=${_case}" WORKING_DIRECTORY ${PROJECT_BINARY_DIR})
     set_tests_properties(cuda.${_name} PROPERTIES LABELS "cuda" TIMEOUT 600)
   endforeach()
