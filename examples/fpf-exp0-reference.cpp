@@ -9,8 +9,6 @@
 //
 // Exit codes: 0 ok, 1 the repetitions differ (where is printed; every rep kept in *.nondeterministic.json),
 // 2 bad input or usage.
-#include <CLI/CLI.hpp>
-
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -21,86 +19,51 @@
 #include <fpf/engine/prompting.hpp>
 #include <fpf/experiment/json.hpp>
 #include <fpf/experiment/runner.hpp>
-#include <fpf/taps/parse.hpp>
 #include <fpf/text/prompt.hpp>
+
+#include "common/cli.hpp"
 
 namespace fs = std::filesystem;
 
 int main(int argc, char** argv) {
   CLI::App app{"fpf-exp0-reference: the reference baseline (experiment 0)"};
-  std::string model_dir, out_dir = "results", backend = "cpu", precision_text = "fp32", document, corpus_dir,
-                         tokenizer_dir, layers_text, positions_text = "-3,-2,-1", hardware, model_name;
-  std::size_t prompt_tokens = 6000;
-  int steps = 30, reps = 3, topk = 10;
-  app.add_option("--model", model_dir, "checkpoint directory (config.json + safetensors)")->required();
+  fpf::examples::RunOptions run;
+  fpf::examples::PromptOptions prompt_opts;
+  std::string out_dir = "results";
+  fpf::examples::add_run_options(app, run);
+  fpf::examples::add_prompt_options(app, prompt_opts);
   app.add_option("--out-dir", out_dir, "where reference_baseline.json is written");
-  app.add_option("--prompt-tokens", prompt_tokens, "document tokens in the prompt (the chat template adds a few)");
-  app.add_option("--steps", steps, "greedy decode steps");
-  app.add_option("--reps", reps, "repetitions, compared bit for bit");
-  app.add_option("--backend", backend, "cpu | cuda");
-  app.add_option("--precision", precision_text, "fp32 | bf16 | fp16");
-  app.add_option("--document", document, "corpus document for the prompt (default: the first one)");
-  app.add_option("--corpus-dir", corpus_dir, "documents (.txt, .pdf) to build prompts from (default: fpf's corpus)");
-  app.add_option("--tokenizer", tokenizer_dir, "folder with tokenizer.json (default: the model's, else fpf's copy)");
-  app.add_option("--layers", layers_text, "1-based blocks to tap; 'last' = the last block (default 1,2,4,12,last)");
-  app.add_option("--positions", positions_text, "positions from the end of the sequence fed so far");
-  app.add_option("--topk", topk, "top-k logprobs per position");
-  app.add_option("--hardware", hardware, "hardware label for the configuration (default: the CPU or GPU name)");
-  app.add_option("--model-name", model_name, "model name recorded in the file (default: the directory name)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "fpf-exp0-reference: error: %s\n", e.what());
-    return fpf::kExitBadInput;
-  }
+  if (auto code = fpf::examples::parse(app, "fpf-exp0-reference", argc, argv)) return *code;
 
   return fpf::run_main("fpf-exp0-reference", [&] {
-    const fpf::io::ModelConfig cfg = fpf::io::load_config(model_dir);
-    fpf::taps::TapSpec spec;
-    spec.layers = layers_text.empty() ? fpf::taps::default_layers(cfg.num_hidden_layers)
-                                      : fpf::taps::parse_layers(layers_text, cfg.num_hidden_layers);
-    spec.positions = fpf::taps::parse_int_list(positions_text, "--positions");
-    spec.topk = topk;
-    const fpf::Precision precision = fpf::parse_precision(precision_text);
-
-    if (tokenizer_dir.empty())
-      tokenizer_dir = fs::exists(fs::path(model_dir) / "tokenizer.json") ? model_dir
-                                                                         : fpf::text::default_tokenizer_dir().string();
-    const auto tok = fpf::text::Tokenizer::from_dir(tokenizer_dir);
-    const auto docs = fpf::text::load_corpus(corpus_dir.empty() ? fpf::text::default_corpus_dir() : fs::path(corpus_dir));
-    const fpf::text::Document* doc = &docs.at(0);
-    if (!document.empty()) {
-      doc = nullptr;
-      for (const auto& d : docs)
-        if (d.name == document) doc = &d;
-      if (!doc) throw fpf::Error("--document", "'" + document + "' is not in the corpus");
-    }
-    fpf::text::PromptSpec pspec;
-    pspec.document_tokens = prompt_tokens;
-    const fpf::text::Prompt prompt = fpf::text::build_prompt(tok, *doc, pspec);
+    const fpf::examples::Resolved r = fpf::examples::resolve(run);
+    const auto& cfg = r.cfg;
+    const auto& spec = r.spec;
+    const fpf::Precision precision = r.precision;
+    const auto corpus = fpf::examples::load_corpus(prompt_opts, run.model_dir);
+    const fpf::text::Prompt prompt = corpus.prompt();
     const std::vector<std::vector<std::int32_t>> prompts{fpf::engine_ids(prompt.ids)};
-    if (model_name.empty()) model_name = fs::path(model_dir).lexically_normal().filename().string();
-    if (model_name.empty()) model_name = fs::absolute(model_dir).parent_path().filename().string();
+    const std::string& model_dir = run.model_dir;
+    const std::string& backend = run.backend;
+    const int steps = run.steps, reps = run.reps;
 
     // The seed's reference: batch 1, flash attention, no graph capture, no concurrent load, one device.
     return fpf::with_setup_for(model_dir, backend, "flash", [&]<class S>() {
       fpf::Engine<S> engine(model_dir, fpf::EngineOptions{precision});
-      auto meta = fpf::describe_experiment(cfg, model_name, "reference", "none", spec, steps,
+      auto meta = fpf::describe_experiment(cfg, r.model_name, "reference", "none", spec, steps,
                                            static_cast<std::int64_t>(prompt.length()));
       auto conf = fpf::describe_configuration("", backend, precision, S::attention::name, S::quant::name, 1);
-      if (!hardware.empty()) conf.hardware = hardware;
+      if (!run.hardware.empty()) conf.hardware = run.hardware;
       conf.config_id = (backend == "cpu" ? std::string("cpu") : conf.hardware) + "_reference";
       fs::create_directories(out_dir);
       const fs::path out = fs::path(out_dir) / "reference_baseline.json";
       std::fprintf(stderr, "prompt: %zu tokens (%zu from %s); %d steps x %d reps on %s\n", prompt.length(),
-                   prompt_tokens, doc->name.c_str(), steps, reps, conf.hardware.c_str());
+                   corpus.spec.document_tokens, prompt.document.c_str(), steps, reps, conf.hardware.c_str());
       const auto file = fpf::experiment::run_experiment(
           meta, conf,
           [&](int) {
             auto seqs = engine.generate(prompts, steps, spec);
-            fpf::attach_text(tok, seqs);
+            fpf::attach_text(corpus.tok, seqs);
             return seqs;
           },
           out, fpf::experiment::RunOptions{reps});

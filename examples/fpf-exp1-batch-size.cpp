@@ -10,8 +10,6 @@
 //                      [--tokenizer DIR] [--layers 1,2,4,12,last] [--positions -3,-2,-1] [--topk 10] [--hardware L]
 //
 // Exit codes: 0 ok, 1 some configuration's repetitions differ, 2 bad input or usage.
-#include <CLI/CLI.hpp>
-
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -23,70 +21,36 @@
 #include <fpf/experiment/fuse.hpp>
 #include <fpf/experiment/json.hpp>
 #include <fpf/experiment/runner.hpp>
-#include <fpf/taps/parse.hpp>
 #include <fpf/text/prompt.hpp>
+
+#include "common/cli.hpp"
 
 namespace fs = std::filesystem;
 
 int main(int argc, char** argv) {
   CLI::App app{"fpf-exp1-batch-size: batch size 1, 2, 4 (experiment 1)"};
-  std::string model_dir, out_dir = "results", backend = "cpu", precision_text, document, corpus_dir, tokenizer_dir,
-                         layers_text, positions_text = "-3,-2,-1", hardware, model_name;
-  std::size_t prompt_tokens = 6000;
+  fpf::examples::RunOptions run;
+  fpf::examples::PromptOptions prompt_opts;
+  std::string out_dir = "results";
   std::string batch_text = "2,4";
-  int steps = 30, reps = 3, topk = 10;
-  app.add_option("--model", model_dir, "checkpoint directory (config.json + safetensors)")->required();
+  fpf::examples::add_run_options(app, run);
+  fpf::examples::add_prompt_options(app, prompt_opts);
   app.add_option("--out-dir", out_dir, "where batch_size_experiment.json is written (and reference_baseline.json read)");
   app.add_option("--batch-sizes", batch_text, "batch sizes besides the reference's 1");
-  app.add_option("--prompt-tokens", prompt_tokens, "document tokens in the prompt (the chat template adds a few)");
-  app.add_option("--steps", steps, "greedy decode steps");
-  app.add_option("--reps", reps, "repetitions, compared bit for bit");
-  app.add_option("--backend", backend, "cpu | cuda");
-  app.add_option("--precision", precision_text, "fp32 | bf16 | fp16 (default: cpu fp32, cuda the checkpoint dtype)");
-  app.add_option("--document", document, "corpus document for the prompt (default: the first one)");
-  app.add_option("--corpus-dir", corpus_dir, "documents (.txt, .pdf) to build prompts from (default: fpf's corpus)");
-  app.add_option("--tokenizer", tokenizer_dir, "folder with tokenizer.json (default: the model's, else fpf's copy)");
-  app.add_option("--layers", layers_text, "1-based blocks to tap; 'last' = the last block (default 1,2,4,12,last)");
-  app.add_option("--positions", positions_text, "positions from the end of the sequence fed so far");
-  app.add_option("--topk", topk, "top-k logprobs per position");
-  app.add_option("--hardware", hardware, "hardware label for the configurations (default: the CPU or GPU name)");
-  app.add_option("--model-name", model_name, "model name recorded in the file (default: the directory name)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "fpf-exp1-batch-size: error: %s\n", e.what());
-    return fpf::kExitBadInput;
-  }
+  if (auto code = fpf::examples::parse(app, "fpf-exp1-batch-size", argc, argv)) return *code;
 
   return fpf::run_main("fpf-exp1-batch-size", [&] {
-    const fpf::io::ModelConfig cfg = fpf::io::load_config(model_dir);
-    fpf::taps::TapSpec spec;
-    spec.layers = layers_text.empty() ? fpf::taps::default_layers(cfg.num_hidden_layers)
-                                      : fpf::taps::parse_layers(layers_text, cfg.num_hidden_layers);
-    spec.positions = fpf::taps::parse_int_list(positions_text, "--positions");
-    spec.topk = topk;
-    if (precision_text.empty())
-      precision_text = backend == "cuda" ? (cfg.dtype == "bfloat16" ? "bf16" : cfg.dtype == "float16" ? "fp16" : "fp32") : "fp32";
-    const fpf::Precision precision = fpf::parse_precision(precision_text);
-    if (reps < 1) throw fpf::Error("--reps", "must be at least 1");
-
-    if (tokenizer_dir.empty())
-      tokenizer_dir = fs::exists(fs::path(model_dir) / "tokenizer.json") ? model_dir
-                                                                         : fpf::text::default_tokenizer_dir().string();
-    const auto tok = fpf::text::Tokenizer::from_dir(tokenizer_dir);
-    const auto docs = fpf::text::load_corpus(corpus_dir.empty() ? fpf::text::default_corpus_dir() : fs::path(corpus_dir));
-    const fpf::text::Document* doc = &docs.at(0);
-    if (!document.empty()) {
-      doc = nullptr;
-      for (const auto& d : docs)
-        if (d.name == document) doc = &d;
-      if (!doc) throw fpf::Error("--document", "'" + document + "' is not in the corpus");
-    }
-    fpf::text::PromptSpec pspec;
-    pspec.document_tokens = prompt_tokens;
-    const fpf::text::Prompt prompt = fpf::text::build_prompt(tok, *doc, pspec);
+    const fpf::examples::Resolved r = fpf::examples::resolve(run);
+    const auto& cfg = r.cfg;
+    const auto& spec = r.spec;
+    const fpf::Precision precision = r.precision;
+    const std::string& model_dir = run.model_dir;
+    const std::string& backend = run.backend;
+    const std::string& hardware = run.hardware;
+    const int steps = run.steps, reps = run.reps;
+    const auto corpus = fpf::examples::load_corpus(prompt_opts, model_dir);
+    const auto& tok = corpus.tok;
+    const fpf::text::Prompt prompt = corpus.prompt();
     std::vector<int> batches;
     int max_b = 1;
     for (int b : fpf::taps::parse_int_list(batch_text, "--batch-sizes")) {
@@ -95,16 +59,10 @@ int main(int argc, char** argv) {
       max_b = std::max(max_b, b);
     }
     std::vector<std::vector<std::int32_t>> all{fpf::engine_ids(prompt.ids)};
-    std::size_t d = static_cast<std::size_t>(doc - docs.data());
-    for (int b = 1; b < max_b; ++b) {
-      d = (d + 1) % docs.size();
-      all.push_back(fpf::engine_ids(fpf::text::build_prompt(tok, docs[d], pspec).ids));
-    }
-    if (model_name.empty()) model_name = fs::path(model_dir).lexically_normal().filename().string();
-    if (model_name.empty()) model_name = fs::absolute(model_dir).parent_path().filename().string();
+    for (int b = 1; b < max_b; ++b) all.push_back(fpf::engine_ids(corpus.prompt(static_cast<std::size_t>(b)).ids));
 
     fpf::experiment::ExperimentFile file;
-    file.experiment_metadata = fpf::describe_experiment(cfg, model_name, "batch_size", "batch_size", spec, steps,
+    file.experiment_metadata = fpf::describe_experiment(cfg, r.model_name, "batch_size", "batch_size", spec, steps,
                                                         static_cast<std::int64_t>(prompt.length()));
     file.experiment_metadata.date_created = fpf::experiment::utc_timestamp();
     std::string hw;

@@ -3,11 +3,6 @@
 #   ctest -L cuda        (the device machine)      ctest -LE cuda   (CI)
 # Tests are registered by name, not discovered (discovery would run the binary at build time).
 if(FPF_WITH_CUDA)
-  # CMake < 3.26 does not know nvcc's C++20 flag (the root asks for CUDA_STANDARD 20): name it, as newer CMake does.
-  if(NOT DEFINED CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
-    set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
-    set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
-  endif()
   file(GLOB _fpf_cuda_tests CONFIGURE_DEPENDS ${CMAKE_CURRENT_LIST_DIR}/cuda/*.cu)
   add_executable(fpf_cuda_tests ${_fpf_cuda_tests})
   target_link_libraries(fpf_cuda_tests PRIVATE fpf::fpf doctest::doctest CUDA::cudart CUDA::cublasLt)

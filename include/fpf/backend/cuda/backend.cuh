@@ -34,7 +34,7 @@
 #include <vector>
 
 #include <fpf/attention/cuda.cuh>
-#include <fpf/backend/cpu/backend.hpp>  // Chunk, Captured
+#include <fpf/backend/interface.hpp>
 #include <fpf/backend/cuda/common.cuh>
 #include <fpf/backend/cuda/gemm.cuh>
 #include <fpf/backend/cuda/ops.cuh>
