@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
                                            static_cast<std::int64_t>(prompt.length()));
       auto conf = fpf::describe_configuration("", backend, precision, S::attention::name, S::quant::name, 1);
       if (!run.hardware.empty()) conf.hardware = run.hardware;
-      conf.config_id = (backend == "cpu" ? std::string("cpu") : conf.hardware) + "_reference";
+      conf.config_id = fpf::config_prefix(conf) + "_reference";
       fs::create_directories(out_dir);
       const fs::path out = fs::path(out_dir) / "reference_baseline.json";
       std::fprintf(stderr, "prompt: %zu tokens (%zu from %s); %d steps x %d reps on %s\n", prompt.length(),

@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
         auto conf = fpf::describe_configuration("", backend, precision, S::attention::name, S::quant::name, 1);
         if (!hardware.empty()) conf.hardware = hardware;
         hw = conf.hardware;
-        conf.config_id = (backend == "cpu" ? std::string("cpu") : conf.hardware) + suffix;
+        conf.config_id = fpf::config_prefix(conf) + suffix;
         conf.variable_value = attention;
         std::fprintf(stderr, "%s: prompt %zu tokens, %d steps x %d reps on %s\n", conf.config_id.c_str(), prompt.length(),
                      steps, reps, conf.hardware.c_str());

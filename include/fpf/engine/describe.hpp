@@ -4,11 +4,18 @@
 // configuration's hardware, compiler, build and library fields for the run at hand.
 #include <cstdint>
 #include <cstdio>
+#include <cctype>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <string_view>
 
 #include <boost/version.hpp>
+
+#if defined(__CUDACC__)
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+#endif
 
 #include <fpf/engine/options.hpp>
 #include <fpf/experiment/schema.hpp>
@@ -73,6 +80,36 @@ inline std::string cpu_name() {
   return "CPU";
 }
 
+// The NVIDIA kernel driver's version ("580.159.04"), from /proc/driver/nvidia/version; empty where absent.
+inline std::string nvidia_driver_version() {
+  std::ifstream f("/proc/driver/nvidia/version");
+  std::string line;
+  std::getline(f, line);
+  // "NVRM version: NVIDIA UNIX [Open ]Kernel Module [for x86_64 ] 580.159.04  Release Build ...": the first word
+  // after "Kernel Module" that starts with a digit.
+  const auto k = line.find("Kernel Module");
+  if (k == std::string::npos) return "";
+  std::istringstream words(line.substr(k + 13));
+  for (std::string w; words >> w;)
+    if (std::isdigit(static_cast<unsigned char>(w[0]))) return w;
+  return "";
+}
+
+#if defined(__CUDACC__)
+// The current GPU: name (also the configuration's hardware label), driver, CUDA runtime and cuBLASLt versions.
+inline void describe_gpu(experiment::Configuration& c) {
+  int dev = 0, runtime = 0;
+  cudaDeviceProp prop{};
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) return;
+  c.gpu_name = prop.name;
+  c.hardware = prop.name;
+  c.gpu_driver = nvidia_driver_version();
+  cudaRuntimeGetVersion(&runtime);
+  c.versions["cuda_version"] = std::to_string(runtime / 1000) + "." + std::to_string(runtime % 1000 / 10);
+  c.versions["cublaslt_version"] = std::to_string(cublasLtGetVersion());
+}
+#endif
+
 inline std::string compiler_name() {
 #if defined(__clang__)
   return "clang " __clang_version__;
@@ -100,7 +137,20 @@ inline experiment::Configuration describe_configuration(std::string config_id, s
   c.build_flags = FPF_BUILD_FLAGS;
   c.versions["boost_version"] = BOOST_LIB_VERSION;
   if (backend == "cpu") c.hardware = cpu_name();
+#if defined(__CUDACC__)
+  if (backend == "cuda") describe_gpu(c);
+#endif
   return c;
+}
+
+// The prefix of a configuration id: "cpu", or the GPU's name as one word ("NVIDIA H100 80GB HBM3" -> "H100-80GB-HBM3").
+inline std::string config_prefix(const experiment::Configuration& c) {
+  if (c.backend == "cpu") return "cpu";
+  std::string s = c.hardware;
+  if (s.rfind("NVIDIA ", 0) == 0) s = s.substr(7);
+  for (char& ch : s)
+    if (ch == ' ') ch = '-';
+  return s.empty() ? c.backend : s;
 }
 
 }  // namespace fpf
