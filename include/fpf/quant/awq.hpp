@@ -11,6 +11,7 @@
 // exactly, one rounding in the product. The result is returned transposed to PyTorch's [out, in].
 // A module without `qweight` (router, lm_head, modules_to_not_convert) is read as dense.
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string>
 #include <string_view>
@@ -19,6 +20,7 @@
 #include <fpf/quant/common.hpp>
 #include <fpf/quant/config.hpp>
 #include <fpf/quant/dense.hpp>
+#include <fpf/quant/packed.hpp>
 
 namespace fpf::quant {
 
@@ -65,9 +67,13 @@ struct Awq {
     return quantized(r, module) || Dense::stores(r, module);
   }
 
-  static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,
-                                       std::int64_t in) {
-    if (!quantized(r, module)) return Dense::linear_f32(r, module, out, in);
+  // The checked tensors of one quantized module.
+  struct Source {
+    const io::TensorInfo *qweight, *qzeros, *scales;
+    std::int64_t K, N, G;
+  };
+
+  static Source source(model::WeightReader& r, const std::string& module, std::int64_t out, std::int64_t in) {
     const QuantConfig& qc = detail::config_for(r, Method::Awq);
     const std::int64_t K = in, N = out, G = qc.group_for(K);
     using detail::i64s;
@@ -82,7 +88,56 @@ struct Awq {
     const io::TensorInfo& qw = detail::need(r, qweight, {K, N / 8}, {DType::I32}, why);
     const io::TensorInfo& qz = detail::need(r, module + ".qzeros", {K / G, N / 8}, {DType::I32}, why);
     const io::TensorInfo& sc = detail::need(r, module + ".scales", {K / G, N}, {DType::F16, DType::BF16, DType::F32}, why);
-    return dequant_awq(detail::read_i32(qw), detail::read_i32(qz), detail::read_f32(sc), K, N, G);
+    return {&qw, &qz, &sc, K, N, G};
+  }
+
+  static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,
+                                       std::int64_t in) {
+    if (!quantized(r, module)) return Dense::linear_f32(r, module, out, in);
+    const Source s = source(r, module, out, in);
+    return dequant_awq(detail::read_i32(*s.qweight), detail::read_i32(*s.qzeros), detail::read_f32(*s.scales), s.K, s.N,
+                       s.G);
+  }
+
+  // Repacked for the GPU (packed.hpp): codes transposed to [N, K/8] in sequential order, zeros [N, K/G], scales
+  // widened and transposed. Needs K % 8 == 0 (one group per 8-code word also needs G % 8 == 0).
+  static Packer packer(model::WeightReader& r, const std::string& module, std::int64_t out, std::int64_t in) {
+    const Source s = source(r, module, out, in);
+    if (s.K % 8 != 0 || s.G % 8 != 0)
+      throw Error(detail::tensor_where(*s.qweight), "the GPU kernels need in_features and the group size to be "
+                                                    "multiples of 8 (got " + detail::i64s(s.K) + ", " + detail::i64s(s.G) + ")");
+    return [s] {
+      const std::int64_t K = s.K, N = s.N, G = s.G, P = N / 8, W = K / 8, ng = K / G;
+      const std::byte* qw = s.qweight->bytes.data();
+      const std::byte* qz = s.qzeros->bytes.data();
+      auto word = [](const std::byte* base, std::int64_t i) {
+        std::uint32_t v;
+        std::memcpy(&v, base + i * 4, 4);
+        return v;
+      };
+      Packed4 p;
+      p.code = Packed4::Code::Affine;
+      p.N = N, p.K = K, p.G = G;
+      p.words.assign(static_cast<std::size_t>(N * W), 0u);
+      for (std::int64_t w = 0; w < W; ++w)
+        for (std::int64_t c = 0; c < P; ++c)
+          for (int i = 0; i < 8; ++i) {  // input channel 8w + i
+            const std::uint32_t src = word(qw, (8 * w + i) * P + c);
+            for (int j = 0; j < 8; ++j)
+              p.words[static_cast<std::size_t>((8 * c + j) * W + w)] |=
+                  static_cast<std::uint32_t>(awq_nibble(static_cast<std::int32_t>(src), j)) << (4 * i);
+          }
+      const std::vector<float> sc = detail::read_f32(*s.scales);  // [ng, N]
+      p.scales.resize(static_cast<std::size_t>(N * ng));
+      p.zeros.resize(static_cast<std::size_t>(N * ng));
+      for (std::int64_t g = 0; g < ng; ++g)
+        for (std::int64_t n = 0; n < N; ++n) {
+          p.scales[static_cast<std::size_t>(n * ng + g)] = sc[static_cast<std::size_t>(g * N + n)];
+          p.zeros[static_cast<std::size_t>(n * ng + g)] =
+              static_cast<std::uint8_t>(awq_nibble(static_cast<std::int32_t>(word(qz, g * P + n / 8)), static_cast<int>(n % 8)));
+        }
+      return p;
+    };
   }
 };
 

@@ -15,6 +15,7 @@
 // Dequantization in fp32: W[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n], one rounding; returned [out, in].
 // The zero point and act-order are read from the checkpoint at load time, not from the type (docs/quantization.md).
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string>
 #include <string_view>
@@ -23,6 +24,7 @@
 #include <fpf/quant/common.hpp>
 #include <fpf/quant/config.hpp>
 #include <fpf/quant/dense.hpp>
+#include <fpf/quant/packed.hpp>
 
 namespace fpf::quant {
 
@@ -60,9 +62,15 @@ struct Gptq {
     return quantized(r, module) || Dense::stores(r, module);
   }
 
-  static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,
-                                       std::int64_t in) {
-    if (!quantized(r, module)) return Dense::linear_f32(r, module, out, in);
+  // The checked tensors of one quantized module (g_idx read, or k / G when the file has none).
+  struct Source {
+    const io::TensorInfo *qweight, *qzeros, *scales;
+    std::vector<std::int32_t> g_idx;
+    std::int64_t K, N, G, ng;
+    bool zeros_v2;
+  };
+
+  static Source source(model::WeightReader& r, const std::string& module, std::int64_t out, std::int64_t in) {
     const QuantConfig& qc = detail::config_for(r, Method::Gptq);
     const std::int64_t K = in, N = out, G = qc.group_for(K);
     const std::int64_t ng = (K + G - 1) / G;
@@ -94,7 +102,67 @@ struct Gptq {
       g_idx.resize(static_cast<std::size_t>(K));
       for (std::int64_t k = 0; k < K; ++k) g_idx[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k / G);
     }
-    return dequant_gptq(detail::read_i32(qw), detail::read_i32(qz), detail::read_f32(sc), g_idx, K, N, qc.zeros_v2);
+    return {&qw, &qz, &sc, std::move(g_idx), K, N, G, ng, qc.zeros_v2};
+  }
+
+  static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,
+                                       std::int64_t in) {
+    if (!quantized(r, module)) return Dense::linear_f32(r, module, out, in);
+    const Source s = source(r, module, out, in);
+    return dequant_gptq(detail::read_i32(*s.qweight), detail::read_i32(*s.qzeros), detail::read_f32(*s.scales), s.g_idx,
+                        s.K, s.N, s.zeros_v2);
+  }
+
+  // Repacked for the GPU (packed.hpp): codes [N, K/8] (qweight transposed), with act-order the input channels
+  // stably sorted by group (perm), zeros with the v1 offset applied, scales widened. Needs G % 8 == 0 and groups
+  // that are contiguous runs of G after sorting (what GPTQ writes).
+  static Packer packer(model::WeightReader& r, const std::string& module, std::int64_t out, std::int64_t in) {
+    Source s = source(r, module, out, in);
+    std::vector<std::int32_t> perm;
+    if (s.G % 8 != 0)
+      throw Error(detail::tensor_where(*s.qweight), "the GPU kernels need the group size to be a multiple of 8 (got " +
+                                                        detail::i64s(s.G) + ")");
+    if (!group_permutation(s.g_idx, s.G, perm))
+      throw Error(detail::tensor_where(*s.qweight), "g_idx groups are not runs of group_size " + detail::i64s(s.G) +
+                                                        " in any order: not supported by the GPU kernels");
+    return [s = std::move(s), perm = std::move(perm)] {
+      const std::int64_t K = s.K, N = s.N, W = K / 8, ng = s.ng, P = N / 8;
+      const std::byte* qw = s.qweight->bytes.data();
+      const std::byte* qz = s.qzeros->bytes.data();
+      auto word = [](const std::byte* base, std::int64_t i) {
+        std::uint32_t v;
+        std::memcpy(&v, base + i * 4, 4);
+        return v;
+      };
+      Packed4 p;
+      p.code = Packed4::Code::Affine;
+      p.N = N, p.K = K, p.G = s.G;
+      p.perm = perm;
+      p.words.assign(static_cast<std::size_t>(N * W), 0u);
+      if (perm.empty()) {
+        for (std::int64_t w = 0; w < W; ++w)
+          for (std::int64_t n = 0; n < N; ++n) p.words[static_cast<std::size_t>(n * W + w)] = word(qw, w * N + n);
+      } else {
+        for (std::int64_t kk = 0; kk < K; ++kk) {
+          const std::int64_t k = perm[static_cast<std::size_t>(kk)];
+          for (std::int64_t n = 0; n < N; ++n)
+            p.words[static_cast<std::size_t>(n * W + kk / 8)] |=
+                static_cast<std::uint32_t>(gptq_nibble(static_cast<std::int32_t>(word(qw, (k / 8) * N + n)), static_cast<int>(k % 8)))
+                << (4 * (kk % 8));
+        }
+      }
+      const std::vector<float> sc = detail::read_f32(*s.scales);  // [ng, N]
+      const int zero_offset = s.zeros_v2 ? 0 : 1;
+      p.scales.resize(static_cast<std::size_t>(N * ng));
+      p.zeros.resize(static_cast<std::size_t>(N * ng));
+      for (std::int64_t g = 0; g < ng; ++g)
+        for (std::int64_t n = 0; n < N; ++n) {
+          p.scales[static_cast<std::size_t>(n * ng + g)] = sc[static_cast<std::size_t>(g * N + n)];
+          p.zeros[static_cast<std::size_t>(n * ng + g)] = static_cast<std::uint8_t>(
+              gptq_nibble(static_cast<std::int32_t>(word(qz, g * P + n / 8)), static_cast<int>(n % 8)) + zero_offset);
+        }
+      return p;
+    };
   }
 };
 

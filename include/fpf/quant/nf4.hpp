@@ -31,37 +31,11 @@
 #include <fpf/quant/common.hpp>
 #include <fpf/quant/config.hpp>
 #include <fpf/quant/dense.hpp>
+#include <fpf/quant/packed.hpp>
 
 namespace fpf::quant {
 
-// bitsandbytes get_4bit_type("nf4"), index 0..15 (formats.md §4.2).
-inline constexpr float kNf4Code[16] = {-1.0f,
-                                       -0.6961928009986877f,
-                                       -0.5250730514526367f,
-                                       -0.39491748809814453f,
-                                       -0.28444138169288635f,
-                                       -0.18477343022823334f,
-                                       -0.09105003625154495f,
-                                       0.0f,
-                                       0.07958029955625534f,
-                                       0.16093020141124725f,
-                                       0.24611230194568634f,
-                                       0.33791524171829224f,
-                                       0.44070982933044434f,
-                                       0.5626170039176941f,
-                                       0.7229568362236023f,
-                                       1.0f};
-
 inline constexpr std::string_view kNf4StateSuffix = ".quant_state.bitsandbytes__nf4";
-
-// fp32 value rounded to dtype (round to nearest even) and widened back: what storing in that dtype keeps.
-inline float round_to_dtype(float x, DType dtype) noexcept {
-  switch (dtype) {
-    case DType::BF16: return bf16_to_f32(f32_to_bf16(x));
-    case DType::F16: return f16_to_f32(f32_to_f16(x));
-    default: return x;
-  }
-}
 
 // Element i's 4-bit code: high nibble for even i, low nibble for odd i.
 constexpr int nf4_code_index(std::span<const std::uint8_t> packed, std::size_t i) noexcept {
@@ -176,8 +150,17 @@ struct Nf4 {
 
   static bool stores(const model::WeightReader& r, const std::string& module) { return Dense::stores(r, module); }
 
-  static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,
-                                       std::int64_t in) {
+  // The checked tensors of one module; `dense` when it is not NF4-quantized (then nothing else is set).
+  struct Source {
+    bool dense = false;
+    const io::TensorInfo* packed = nullptr;
+    std::vector<float> absmax;  // resolved from double quantization
+    std::vector<float> code;
+    Nf4State state;
+    std::int64_t n = 0;
+  };
+
+  static Source source(model::WeightReader& r, const std::string& module, std::int64_t out, std::int64_t in) {
     const std::string wname = module + ".weight";
     if (!quantized(r, module)) {
       const io::TensorInfo* w = r.checkpoint().find(wname);
@@ -186,7 +169,7 @@ struct Nf4 {
                     r.has(wname + ".quant_state.bitsandbytes__fp4")
                         ? "bitsandbytes FP4 is not supported (nf4 only)"
                         : "U8 weight without its quant state '" + wname + std::string(kNf4StateSuffix) + "'");
-      return Dense::linear_f32(r, module, out, in);
+      return Source{true};
     }
     detail::config_for(r, Method::Bnb4);
     using detail::i64s;
@@ -221,7 +204,50 @@ struct Nf4 {
     } else {
       absmax = detail::read_f32(detail::need(r, wname + ".absmax", {nb}, {DType::F32}, why));
     }
-    return dequant_nf4(detail::read_u8(packed), absmax, code, n, st.blocksize, st.dtype);
+    Source s;
+    s.packed = &packed;
+    s.absmax = std::move(absmax);
+    s.code = code;
+    s.state = st;
+    s.n = n;
+    return s;
+  }
+
+  static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,
+                                       std::int64_t in) {
+    const Source s = source(r, module, out, in);
+    if (s.dense) return Dense::linear_f32(r, module, out, in);
+    return dequant_nf4(detail::read_u8(*s.packed), s.absmax, s.code, s.n, s.state.blocksize, s.state.dtype);
+  }
+
+  // Repacked for the GPU (packed.hpp): codes [N, K/8] (the same order, 8 per word, low nibble first), the resolved
+  // absmax as scales over the flattened weight. Needs K and the blocksize to be multiples of 8.
+  static Packer packer(model::WeightReader& r, const std::string& module, std::int64_t out, std::int64_t in) {
+    Source s = source(r, module, out, in);
+    if (s.dense) throw Error(module, "not an NF4 module");
+    if (in % 8 != 0 || s.state.blocksize % 8 != 0)
+      throw Error(detail::tensor_where(*s.packed), "the GPU kernels need in_features and the blocksize to be multiples of 8 (got " +
+                                                       detail::i64s(in) + ", " + detail::i64s(s.state.blocksize) + ")");
+    return [s = std::move(s), out, in] {
+      Packed4 p;
+      p.code = Packed4::Code::Nf4;
+      p.nf4_dtype = s.state.dtype;
+      p.N = out, p.K = in, p.G = s.state.blocksize;
+      const std::size_t words = static_cast<std::size_t>(out * in / 8);
+      p.words.resize(words);
+      const std::byte* b = s.packed->bytes.data();
+      for (std::size_t w = 0; w < words; ++w) {
+        std::uint32_t v = 0;
+        for (int j = 0; j < 4; ++j) {
+          const auto byte = static_cast<std::uint32_t>(b[4 * w + static_cast<std::size_t>(j)]);
+          v |= ((byte >> 4) & 0xFu) << (8 * j);      // element 2j: high nibble
+          v |= (byte & 0xFu) << (8 * j + 4);         // element 2j + 1: low nibble
+        }
+        p.words[w] = v;
+      }
+      p.scales = s.absmax;
+      return p;
+    };
   }
 };
 
