@@ -3,7 +3,7 @@
 // template), runs the reference configuration (batch 1, flash attention, single device) for --reps repetitions,
 // checks them bit for bit and writes OUT_DIR/reference_baseline.json.
 //
-//   fpf-exp0-reference --model DIR [--out-dir results] [--prompt-tokens 6000] [--steps 30] [--reps 3]
+//   fpf-exp0-reference --model AWQ_DIR [--out-dir results] [--prompt-tokens 6000] [--steps 30] [--reps 3]
 //                      [--backend cpu] [--precision fp32] [--document NAME] [--corpus-dir DIR] [--tokenizer DIR]
 //                      [--layers 1,2,4,12,last] [--positions -3,-2,-1] [--topk 10] [--hardware LABEL]
 //
@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   fpf::examples::PromptOptions prompt_opts;
   std::string out_dir = "results";
   fpf::examples::add_run_options(app, run);
+  fpf::examples::describe_reference_model(app);
   fpf::examples::add_prompt_options(app, prompt_opts);
   app.add_option("--out-dir", out_dir, "where reference_baseline.json is written");
   if (auto code = fpf::examples::parse(app, "fpf-exp0-reference", argc, argv)) return *code;

@@ -5,7 +5,7 @@
 // baseline, fused from OUT_DIR/reference_baseline.json (fpf-exp0-reference) when that file exists for this hardware,
 // else run here too. Flash attention, as the reference. Writes OUT_DIR/batch_size_experiment.json.
 //
-//   fpf-exp1-batch-size --model DIR [--out-dir results] [--batch-sizes 2,4] [--prompt-tokens 6000] [--steps 30] [--reps 3]
+//   fpf-exp1-batch-size --model AWQ_DIR [--out-dir results] [--batch-sizes 2,4] [--prompt-tokens 6000] [--steps 30] [--reps 3]
 //                      [--backend cpu|cuda] [--precision fp32|bf16|fp16] [--document NAME] [--corpus-dir DIR]
 //                      [--tokenizer DIR] [--layers 1,2,4,12,last] [--positions -3,-2,-1] [--topk 10] [--hardware L]
 //
@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   std::string out_dir = "results";
   std::string batch_text = "2,4";
   fpf::examples::add_run_options(app, run);
+  fpf::examples::describe_reference_model(app);
   fpf::examples::add_prompt_options(app, prompt_opts);
   app.add_option("--out-dir", out_dir, "where batch_size_experiment.json is written (and reference_baseline.json read)");
   app.add_option("--batch-sizes", batch_text, "batch sizes besides the reference's 1");

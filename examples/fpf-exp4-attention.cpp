@@ -4,7 +4,7 @@
 // OUT_DIR/reference_baseline.json (fpf-exp0-reference) when that file exists for this hardware, else run here too.
 // Writes OUT_DIR/attention_experiment.json.
 //
-//   fpf-exp4-attention --model DIR [--out-dir results] [--prompt-tokens 6000] [--steps 30] [--reps 3]
+//   fpf-exp4-attention --model AWQ_DIR [--out-dir results] [--prompt-tokens 6000] [--steps 30] [--reps 3]
 //                      [--backend cpu|cuda] [--precision fp32|bf16|fp16] [--document NAME] [--corpus-dir DIR]
 //                      [--tokenizer DIR] [--layers 1,2,4,12,last] [--positions -3,-2,-1] [--topk 10] [--hardware L]
 //
@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   fpf::examples::PromptOptions prompt_opts;
   std::string out_dir = "results";
   fpf::examples::add_run_options(app, run);
+  fpf::examples::describe_reference_model(app);
   fpf::examples::add_prompt_options(app, prompt_opts);
   app.add_option("--out-dir", out_dir, "where attention_experiment.json is written (and reference_baseline.json read)");
   if (auto code = fpf::examples::parse(app, "fpf-exp4-attention", argc, argv)) return *code;

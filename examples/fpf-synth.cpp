@@ -5,6 +5,19 @@
 //
 //   fpf-synth --shape qwen3-30b-a3b|tiny-moe|tiny-dense --out DIR [--seed 0] [--dtype bf16|fp16|fp32]
 //             [--layers N] [--max-shard-gb 4] [--tokenizer DIR] [--force]
+//             [--quant awq|gptq|gptq-actorder|nf4 [--group-size G] [--threads N]]
+//   fpf-synth --from DENSE_DIR --quant awq|gptq|gptq-actorder|nf4 --out DIR [--group-size G] [--threads N]
+//             [--max-shard-gb 4] [--force]
+//
+// --quant writes the checkpoint quantized as the published AWQ / GPTQ / bitsandbytes-NF4 checkpoints store it
+// (docs/quantization.md: quant/rewrite.hpp, the tool's quantization_config in config.json): with --shape the dense
+// weights are synthesized in memory and only the quantized checkpoint is written; with --from an existing dense
+// checkpoint is quantized. --group-size (AWQ/GPTQ) must divide every quantized Linear's in_features; by default 128
+// (that of the published Qwen3 checkpoints), or, where 128 does not divide them (the tiny shapes), the largest
+// divisor of all in_features below 128, said on stderr. Linears are quantized on --threads workers (0 = all
+// cores) in batches written shard by shard, so the real shape's ~19,400 Linears never hold more than a shard and a
+// batch of output (plus the pools below); progress goes to stderr when there are 1000 Linears or more. The bytes
+// do not depend on --threads.
 //
 // Scaling (so activations stay finite and informative through 48 blocks): every Linear weight is N(0, 1/in)
 // (unit-variance outputs for unit-rms inputs, which RMSNorm guarantees before every block), embeddings N(0, 1),
@@ -15,16 +28,20 @@
 // offset, so the writer holds ~1.5 GiB, not 57, while every tensor (every expert) still gets its own values.
 // Write the real shape to /dev/shm (RAM-backed) on the GPU machine.
 //
-// Exit codes: 0 written; 2 bad arguments (unknown shape, missing --out, non-empty --out without --force, ...).
+// Exit codes: 0 written; 2 bad arguments (unknown shape or scheme, missing --out, non-empty --out without --force,
+// --from without config.json or already quantized, a group size that does not divide in_features, ...).
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -32,6 +49,8 @@
 #include <fpf/core/dtype.hpp>
 #include <fpf/core/error.hpp>
 #include <fpf/io/safetensors.hpp>
+#include <fpf/quant/config.hpp>
+#include <fpf/quant/rewrite.hpp>
 
 #ifndef FPF_SOURCE_DIR
 #define FPF_SOURCE_DIR "."
@@ -104,7 +123,8 @@ std::vector<std::byte> pool(std::size_t n, double mean, double sd, fpf::DType dt
   return out;
 }
 
-std::string config_json(const Shape& s, const std::string& dtype_name) {
+// quant: the serialized quantization_config object, empty for a dense checkpoint (keys stay in alphabetical order).
+std::string config_json(const Shape& s, const std::string& dtype_name, const std::string& quant = {}) {
   std::string j = "{\n  \"architectures\": [\n    \"" + std::string(s.model_type == "qwen3_moe" ? "Qwen3MoeForCausalLM" : "Qwen3ForCausalLM") +
                   "\"\n  ],\n";
   auto kv = [&](const std::string& k, const std::string& v) { j += "  \"" + k + "\": " + v + ",\n"; };
@@ -135,6 +155,7 @@ std::string config_json(const Shape& s, const std::string& dtype_name) {
   kv("num_hidden_layers", std::to_string(s.layers));
   kv("num_key_value_heads", std::to_string(s.kv_heads));
   if (s.model_type == "qwen3_moe") kv("output_router_logits", "false");
+  if (!quant.empty()) kv("quantization_config", quant);
   kv("rms_norm_eps", "1e-06");
   kv("rope_scaling", "null");
   char theta[32];
@@ -151,17 +172,86 @@ std::string config_json(const Shape& s, const std::string& dtype_name) {
   return j;
 }
 
+// --quant's options: the scheme, the group size checked against (or chosen for) every quantized Linear.
+fpf::quant::QuantizeOptions quant_options(const std::string& scheme, std::optional<std::int64_t> group_size,
+                                          unsigned threads, double max_shard_gb,
+                                          const std::vector<fpf::io::TensorToWrite>& dense) {
+  const auto parsed = fpf::quant::parse_scheme(scheme);
+  if (!parsed) throw fpf::Error("--quant", "unknown scheme '" + scheme + "' (awq, gptq, gptq-actorder or nf4)");
+  fpf::quant::QuantizeOptions o;
+  o.scheme = *parsed;
+  o.threads = threads;
+  o.max_shard_bytes = static_cast<std::size_t>(max_shard_gb * 1e9);
+  if (o.scheme == fpf::quant::Scheme::Nf4) {
+    if (group_size) throw fpf::Error("--group-size", "not used by nf4 (bitsandbytes' blocks are 64 weights)");
+    return o;
+  }
+  const auto linears = fpf::quant::quantized_linears(dense, o);
+  o.group_size = fpf::quant::resolve_group_size(linears, group_size, "--group-size");
+  if (!group_size && o.group_size != 128) {
+    std::int64_t k = 0;  // the in_features that 128 does not divide, for the note
+    std::string module;
+    for (const auto& [m, K] : linears)
+      if (K % 128 != 0) {
+        k = K, module = m;
+        break;
+      }
+    std::fprintf(stderr, "fpf-synth: group size %lld (128 does not divide in_features %lld of %s)\n",
+                 static_cast<long long>(o.group_size), static_cast<long long>(k), module.c_str());
+  }
+  return o;
+}
+
+// Progress on stderr for a model with many Linears (the real shape: ~430 batches), a line per 5%; small ones stay
+// quiet.
+std::function<void(std::size_t, std::size_t)> progress_printer() {
+  const auto t0 = std::chrono::steady_clock::now();
+  return [t0, shown = std::size_t{0}](std::size_t done, std::size_t total) mutable {
+    if (total < 1000 || (done * 20 / total == shown && done != total)) return;
+    shown = done * 20 / total;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "fpf-synth: quantized %zu/%zu Linears (%.0f%%), %.0f s\n", done, total,
+                 100.0 * static_cast<double>(done) / static_cast<double>(total), s);
+  };
+}
+
+void copy_tokenizer_files(const fs::path& from, const fs::path& to, int& copied) {
+  std::error_code ec;
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"}) {
+    const fs::path src = from / f;
+    if (fs::exists(src, ec)) fs::copy_file(src, to / f, fs::copy_options::overwrite_existing), ++copied;
+  }
+}
+
+void prepare_out(const std::string& out, bool force) {
+  std::error_code ec;
+  if (fs::exists(out, ec) && !fs::is_directory(out, ec)) throw fpf::Error("--out", out + " exists and is not a directory");
+  if (fs::is_directory(out, ec) && !fs::is_empty(out, ec) && !force)
+    throw fpf::Error("--out", out + " is not empty (use --force to write into it)");
+  fs::create_directories(out, ec);
+  if (ec) throw fpf::Error("--out", "cannot create " + out + ": " + ec.message());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"fpf-synth: a seeded random checkpoint in the Hugging Face layout"};
   std::string shape_name, out, dtype_text = "bf16", tokenizer = std::string(FPF_SOURCE_DIR) + "/data/qwen3-tokenizer";
+  std::string quant_text, from;
   std::uint64_t seed = 0;
   int layers = 0;
+  std::int64_t group_size_arg = 128;
+  unsigned threads = 0;
   double max_shard_gb = 4.0;
   bool force = false;
-  app.add_option("--shape", shape_name, "qwen3-30b-a3b | tiny-moe | tiny-dense")->required();
+  app.add_option("--shape", shape_name, "qwen3-30b-a3b | tiny-moe | tiny-dense");
+  app.add_option("--from", from, "dense checkpoint directory to quantize (with --quant) instead of synthesizing");
   app.add_option("--out", out, "checkpoint directory to write")->required();
+  app.add_option("--quant", quant_text, "write it quantized: awq | gptq | gptq-actorder | nf4");
+  auto* group_opt = app.add_option("--group-size", group_size_arg,
+                                   "AWQ/GPTQ group size, -1 = one group (default 128, or the largest divisor of "
+                                   "every in_features below 128 where 128 does not divide them)");
+  app.add_option("--threads", threads, "quantization threads (0 = all cores); the bytes do not depend on it");
   app.add_option("--seed", seed, "random seed");
   app.add_option("--dtype", dtype_text, "bf16 | fp16 | fp32");
   app.add_option("--layers", layers, "override num_hidden_layers (a shorter model of the same width)");
@@ -177,22 +267,46 @@ int main(int argc, char** argv) {
     return fpf::kExitBadInput;
   }
   return fpf::run_main("fpf-synth", [&] {
+    if (!(max_shard_gb > 0.0)) throw fpf::Error("--max-shard-gb", "must be positive");
+    const std::optional<std::int64_t> group_size =
+        group_opt->count() ? std::optional<std::int64_t>(group_size_arg) : std::nullopt;
+    if (!from.empty()) {  // quantize an existing dense checkpoint
+      if (!shape_name.empty()) throw fpf::Error("--from", "takes no --shape (the checkpoint is the shape)");
+      if (quant_text.empty()) throw fpf::Error("--from", "needs --quant (fpf-synth does not copy dense checkpoints)");
+      const fs::path cfg_file = fs::path(from) / "config.json";
+      std::error_code ec;
+      if (!fs::is_regular_file(cfg_file, ec))
+        throw fpf::Error(cfg_file.string(), "missing: --from needs a Hugging Face checkpoint directory");
+      if (fs::exists(out, ec) && fs::equivalent(from, out, ec))
+        throw fpf::Error("--out", "must differ from --from (" + from + ")");
+      const fpf::io::Checkpoint ckpt = fpf::io::Checkpoint::open(from);
+      std::vector<fpf::io::TensorToWrite> dense;
+      for (const std::string& name : ckpt.names()) {
+        const fpf::io::TensorInfo& t = ckpt.get(name);
+        dense.push_back({t.name, t.dtype, t.shape, t.bytes});
+      }
+      if (fpf::quant::policy_name(fpf::quant::load_quant_config(from)) != "dense")
+        throw fpf::Error(cfg_file.string() + ": quantization_config", "present: --from needs a dense checkpoint");
+      const fpf::quant::QuantizeOptions o = quant_options(quant_text, group_size, threads, max_shard_gb, dense);
+      prepare_out(out, force);
+      fpf::quant::quantize_checkpoint(from, out, o, progress_printer());
+      std::printf("fpf-synth: %s quantized (%s) -> %s\n", from.c_str(), quant_text.c_str(), out.c_str());
+      return fpf::kExitOk;
+    }
+    if (shape_name.empty()) throw fpf::Error("--shape", "required (or --from DIR with --quant)");
+    if (quant_text.empty() && (group_opt->count() || threads))
+      throw fpf::Error(group_opt->count() ? "--group-size" : "--threads", "only applies with --quant");
+    if (!quant_text.empty() && !fpf::quant::parse_scheme(quant_text))
+      throw fpf::Error("--quant", "unknown scheme '" + quant_text + "' (awq, gptq, gptq-actorder or nf4)");
     Shape s = named_shape(shape_name);
     if (layers < 0 || layers > 1000) throw fpf::Error("--layers", "must be in 1..1000 (0 = the shape's own)");
     if (layers > 0) s.layers = layers;
-    if (!(max_shard_gb > 0.0)) throw fpf::Error("--max-shard-gb", "must be positive");
     fpf::DType dtype;
     std::string torch_dtype;
     if (dtype_text == "bf16") dtype = fpf::DType::BF16, torch_dtype = "bfloat16";
     else if (dtype_text == "fp16") dtype = fpf::DType::F16, torch_dtype = "float16";
     else if (dtype_text == "fp32") dtype = fpf::DType::F32, torch_dtype = "float32";
     else throw fpf::Error("--dtype", "unknown dtype '" + dtype_text + "' (bf16, fp16 or fp32)");
-    std::error_code ec;
-    if (fs::exists(out, ec) && !fs::is_directory(out, ec)) throw fpf::Error("--out", out + " exists and is not a directory");
-    if (fs::is_directory(out, ec) && !fs::is_empty(out, ec) && !force)
-      throw fpf::Error("--out", out + " is not empty (use --force to write into it)");
-    fs::create_directories(out, ec);
-    if (ec) throw fpf::Error("--out", "cannot create " + out + ": " + ec.message());
 
     const std::int64_t H = s.hidden, D = s.head_dim, V = s.vocab, I = s.intermediate, Ie = s.moe_intermediate;
     const std::int64_t nq = std::int64_t{s.heads} * D, nkv = std::int64_t{s.kv_heads} * D;
@@ -233,6 +347,16 @@ int main(int argc, char** argv) {
     specs.push_back({"model.norm.weight", {H}, -1});
     if (!s.tie) specs.push_back({"lm_head.weight", {V, H}, H});
 
+    // Checked before anything is made or written (the real shape's pools take a while): a group size that does not
+    // fit is a usage error, not a half-written directory. Planning reads only names and shapes.
+    std::optional<fpf::quant::QuantizeOptions> qo;
+    if (!quant_text.empty()) {
+      std::vector<fpf::io::TensorToWrite> shapes;
+      for (const Spec& t : specs) shapes.push_back({t.name, dtype, t.shape, {}});
+      qo = quant_options(quant_text, group_size, threads, max_shard_gb, shapes);
+    }
+    prepare_out(out, force);
+
     // Pools: each a little larger than its largest tensor, so windows at different offsets differ.
     std::map<std::int64_t, std::size_t> largest;
     for (const Spec& t : specs) {
@@ -257,20 +381,32 @@ int main(int argc, char** argv) {
       const std::size_t off = room ? splitmix(rng) % (room + 1) : 0;
       tensors.push_back({t.name, dtype, t.shape, std::span<const std::byte>(p.data() + off * es, n * es)});
     }
-    fpf::io::write_sharded_checkpoint(out, tensors, static_cast<std::size_t>(max_shard_gb * 1e9));
+    std::string quant_config;
+    std::size_t written = 0, total = 0;
+    if (!qo) {
+      fpf::io::write_sharded_checkpoint(out, tensors, static_cast<std::size_t>(max_shard_gb * 1e9));
+      written = tensors.size();
+      for (const auto& t : tensors) total += t.bytes.size();
+    } else {
+      fpf::io::ShardedCheckpointWriter writer(out, qo->max_shard_bytes);
+      const std::vector<std::string> skip = fpf::quant::quantize_tensors_streamed(
+          tensors, dtype, s.tie, *qo,
+          [&](auto&& batch) {
+            for (const fpf::io::TensorToWrite& t : batch.tensors()) writer.add(t), ++written, total += t.bytes.size();
+          },
+          progress_printer());
+      writer.finish();
+      quant_config = boost::json::serialize(fpf::quant::quantization_config_json(*qo, dtype, skip));
+    }
 
-    std::ofstream(fs::path(out) / "config.json") << config_json(s, torch_dtype);
+    std::ofstream(fs::path(out) / "config.json") << config_json(s, torch_dtype, quant_config);
     std::ofstream(fs::path(out) / "generation_config.json")
         << "{\n  \"bos_token_id\": 151643,\n  \"do_sample\": false,\n  \"eos_token_id\": 151645,\n  \"transformers_version\": \"4.51.0\"\n}\n";
     int copied = 0;
-    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"}) {
-      const fs::path src = fs::path(tokenizer) / f;
-      if (fs::exists(src, ec)) fs::copy_file(src, fs::path(out) / f, fs::copy_options::overwrite_existing), ++copied;
-    }
-    std::size_t total = 0;
-    for (const auto& t : tensors) total += t.bytes.size();
-    std::printf("fpf-synth: %s (%d layers, %s) -> %s: %zu tensors, %.2f GB, %d tokenizer files\n", shape_name.c_str(),
-                s.layers, dtype_text.c_str(), out.c_str(), tensors.size(), static_cast<double>(total) / 1e9, copied);
+    copy_tokenizer_files(tokenizer, out, copied);
+    std::printf("fpf-synth: %s (%d layers, %s%s%s) -> %s: %zu tensors, %.2f GB, %d tokenizer files\n", shape_name.c_str(),
+                s.layers, dtype_text.c_str(), qo ? ", " : "", quant_text.c_str(), out.c_str(), written,
+                static_cast<double>(total) / 1e9, copied);
     return fpf::kExitOk;
   });
 }

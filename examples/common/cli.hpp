@@ -37,6 +37,14 @@ inline void add_run_options(CLI::App& app, RunOptions& o) {
   app.add_option("--model-name", o.model_name, "model name recorded in the file (default: the directory name)");
 }
 
+// The experiment mains' --model: the seed runs exp0 and every other experiment on the AWQ checkpoint (its reference
+// configuration); any checkpoint runs, its scheme read from config.json and recorded in fixed_params.quantization.
+inline void describe_reference_model(CLI::App& app) {
+  app.get_option("--model")->description(
+      "the AWQ checkpoint: the reference configuration every experiment runs on (another scheme runs too and is "
+      "recorded as such in fixed_params.quantization)");
+}
+
 struct PromptOptions {
   std::size_t tokens = 6000;
   std::string document, corpus_dir, tokenizer_dir;

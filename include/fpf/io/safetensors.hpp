@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <functional>
 #include <limits>
@@ -525,5 +526,100 @@ inline void write_sharded_checkpoint(const std::filesystem::path& dir, const std
   const std::string text = boost::json::serialize(index) + "\n";
   detail::write_file_atomically(dir / kIndexFileName, {std::as_bytes(std::span<const char>(text.data(), text.size()))});
 }
+
+// write_sharded_checkpoint's output, written tensor by tensor: add() copies a tensor into the shard being filled and
+// writes a shard as soon as it is complete, so only one shard's bytes are held (fpf-synth --quant on the real shape:
+// ~16 GB of quantized tensors produced batch by batch). Same split rule, order and bytes as write_sharded_checkpoint
+// given the same tensors in the same order. Shards are written under temporary names and renamed to
+// model-0000k-of-0000n.safetensors by finish() (n is known only then), which writes the index last; a writer
+// destroyed without finish() removes its temporary shards.
+class ShardedCheckpointWriter {
+ public:
+  ShardedCheckpointWriter(std::filesystem::path dir, std::size_t max_shard_bytes)
+      : dir_(std::move(dir)), max_(max_shard_bytes) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir_, ec);
+    if (ec) throw Error(dir_.string(), "cannot create directory: " + ec.message());
+  }
+  ShardedCheckpointWriter(const ShardedCheckpointWriter&) = delete;
+  ShardedCheckpointWriter& operator=(const ShardedCheckpointWriter&) = delete;
+  ~ShardedCheckpointWriter() {
+    std::error_code ec;
+    for (const Shard& s : written_) std::filesystem::remove(dir_ / s.temp_name, ec);
+  }
+
+  void add(const TensorToWrite& t) {
+    if (finished_) throw Error(dir_.string(), "tensor '" + t.name + "' added after finish()");
+    if (!names_.insert(t.name).second) throw Error(dir_.string() + ": tensor '" + t.name + "'", "duplicate name");
+    total_bytes_ += t.bytes.size();
+    if (t.bytes.size() > max_) {  // a shard of its own, before the one being filled (as write_sharded_checkpoint)
+      Pending own;
+      own.put(t);
+      write(own);
+      return;
+    }
+    if (!current_.tensors.empty() && current_bytes_ + t.bytes.size() > max_) {
+      write(current_);
+      current_ = Pending{};
+      current_bytes_ = 0;
+    }
+    current_.put(t);
+    current_bytes_ += t.bytes.size();
+  }
+
+  void finish() {
+    if (finished_) return;
+    if (!current_.tensors.empty() || written_.empty()) write(current_);
+    current_ = Pending{};
+    const std::size_t n = written_.size();
+    std::map<std::string, std::string> sorted_map;  // the index lists names sorted, like transformers
+    for (std::size_t k = 0; k < n; ++k) {
+      char name[64];
+      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, n);
+      std::error_code ec;
+      std::filesystem::rename(dir_ / written_[k].temp_name, dir_ / name, ec);
+      if (ec) throw Error((dir_ / name).string(), "cannot rename the written shard into place: " + ec.message());
+      written_[k].temp_name.clear();
+      for (const std::string& t : written_[k].names) sorted_map.emplace(t, name);
+    }
+    written_.clear();
+    boost::json::object weight_map;
+    for (const auto& [t, f] : sorted_map) weight_map[t] = f;
+    boost::json::object index;
+    index["metadata"] = boost::json::object{{"total_size", total_bytes_}};
+    index["weight_map"] = std::move(weight_map);
+    const std::string text = boost::json::serialize(index) + "\n";
+    detail::write_file_atomically(dir_ / kIndexFileName, {std::as_bytes(std::span<const char>(text.data(), text.size()))});
+    finished_ = true;
+  }
+
+ private:
+  struct Pending {
+    std::deque<std::vector<std::byte>> bytes;  // owned copies: the caller's buffers may go away after add()
+    std::vector<TensorToWrite> tensors;
+    void put(const TensorToWrite& t) {
+      std::vector<std::byte>& b = bytes.emplace_back(t.bytes.begin(), t.bytes.end());
+      tensors.push_back({t.name, t.dtype, t.shape, std::span<const std::byte>(b)});
+    }
+  };
+  struct Shard {
+    std::string temp_name;
+    std::vector<std::string> names;
+  };
+  void write(const Pending& p) {
+    Shard s{".model-shard-" + std::to_string(written_.size() + 1) + ".safetensors.partial", {}};
+    write_safetensors(dir_ / s.temp_name, p.tensors);
+    for (const TensorToWrite& t : p.tensors) s.names.push_back(t.name);
+    written_.push_back(std::move(s));
+  }
+
+  std::filesystem::path dir_;
+  std::size_t max_;
+  Pending current_;
+  std::size_t current_bytes_ = 0, total_bytes_ = 0;
+  std::vector<Shard> written_;
+  std::set<std::string> names_;
+  bool finished_ = false;
+};
 
 }  // namespace fpf::io

@@ -20,11 +20,14 @@
 #include <deque>
 #include <exception>
 #include <filesystem>
+#include <functional>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <boost/json.hpp>
@@ -225,31 +228,34 @@ inline std::vector<float> widen_f32(const io::TensorToWrite& t, std::size_t offs
   return out;
 }
 
-// model_dtype: the float dtype of the dense model (config.json's); tied: tie_word_embeddings.
-inline QuantizedTensors quantize_tensors(const std::vector<io::TensorToWrite>& dense, DType model_dtype, bool tied,
-                                         const QuantizeOptions& o) {
-  if (o.group_size != -1 && o.group_size < 1)
-    throw Error("group size", "must be -1 or positive, got " + std::to_string(o.group_size));
-  const bool router = o.quantize_router.value_or(o.scheme == Scheme::Nf4);
+namespace detail {
 
-  // One job per output piece, in input order: a pass-through tensor, or one Linear (a whole 2-D weight, or one
-  // expert's rows of a fused 3-D tensor). Jobs run on worker threads, each into its own sink; the sinks are joined
-  // in job order, so the result (and the first error reported) does not depend on the thread count.
-  struct Job {
-    const io::TensorToWrite* t = nullptr;
-    std::string module;              // empty: pass through
-    std::size_t offset = 0;          // first element of this Linear in *t
-    std::int64_t N = 0, K = 0;
-  };
-  QuantizedTensors q;
-  std::vector<Job> jobs;
+// One output piece, in input order: a pass-through tensor, or one Linear (a whole 2-D weight, or one expert's rows of
+// a fused 3-D tensor).
+struct QuantizeJob {
+  const io::TensorToWrite* t = nullptr;
+  std::string module;      // empty: pass through
+  std::size_t offset = 0;  // first element of this Linear in *t
+  std::int64_t N = 0, K = 0;
+};
+
+struct QuantizePlan {
+  std::vector<QuantizeJob> jobs;
+  std::vector<std::string> skip;  // full names of the Linear modules left dense
+  std::size_t linears = 0;
+};
+
+inline QuantizePlan plan_quantization(const std::vector<io::TensorToWrite>& dense, bool tied, const QuantizeOptions& o) {
+  const bool router = o.quantize_router.value_or(o.scheme == Scheme::Nf4);
+  QuantizePlan plan;
+  std::vector<QuantizeJob>& jobs = plan.jobs;
   bool has_lm_head = false;
   for (const io::TensorToWrite& t : dense) {
     const std::string& name = t.name;
     const std::string where = "tensor '" + name + "'";
     has_lm_head = has_lm_head || name == "lm_head.weight";
     bool is_router = false;
-    const std::optional<std::string> module = detail::quantizable_module(name, &is_router);
+    const std::optional<std::string> module = quantizable_module(name, &is_router);
     const std::string fused_gu = ".mlp.experts.gate_up_proj", fused_d = ".mlp.experts.down_proj";
     const bool fused = name.rfind("model.layers.", 0) == 0 && (name.ends_with(fused_gu) || name.ends_with(fused_d));
     if (fused) {  // [E, R, C]: expert e's rows; gate_up splits into gate (first half) and up
@@ -270,50 +276,128 @@ inline QuantizedTensors quantize_tensors(const std::vector<io::TensorToWrite>& d
       continue;
     }
     if (!module || (is_router && !router)) {
-      if (module) q.skip.push_back(*module);
+      if (module) plan.skip.push_back(*module);
       jobs.push_back({&t, "", 0, 0, 0});
       continue;
     }
     if (t.shape.size() != 2 || !is_float(t.dtype)) throw Error(where, "a Linear weight must be a 2-D float tensor");
     jobs.push_back({&t, *module, 0, t.shape[0], t.shape[1]});
   }
-  if (!tied || has_lm_head) q.skip.insert(q.skip.begin(), "lm_head");
+  if (!tied || has_lm_head) plan.skip.insert(plan.skip.begin(), "lm_head");
+  for (const QuantizeJob& j : jobs) plan.linears += !j.module.empty();
+  return plan;
+}
 
-  std::vector<detail::TensorSink> out(jobs.size());
-  std::vector<std::exception_ptr> errors(jobs.size());
-  std::atomic<std::size_t> next{0};
-  auto work = [&] {
-    for (std::size_t j; (j = next.fetch_add(1)) < jobs.size();) {
-      const Job& job = jobs[j];
-      try {
-        if (job.module.empty()) {
-          out[j].copy(*job.t);
-        } else {
-          const std::vector<float> w = widen_f32(*job.t, job.offset, static_cast<std::size_t>(job.N * job.K));
-          write_quantized_linear(out[j], job.module, w, job.N, job.K, o, model_dtype);
-        }
-      } catch (...) {
-        errors[j] = std::current_exception();
-      }
-    }
-  };
-  const unsigned threads = std::max(1u, std::min<unsigned>(o.threads ? o.threads : std::thread::hardware_concurrency(),
-                                                         static_cast<unsigned>(std::max<std::size_t>(jobs.size(), 1))));
-  std::vector<std::thread> pool;
-  for (unsigned i = 1; i < threads; ++i) pool.emplace_back(work);
-  work();
-  for (std::thread& th : pool) th.join();
-  for (std::size_t j = 0; j < jobs.size(); ++j) {
-    if (errors[j]) std::rethrow_exception(errors[j]);
-    q.sink.append(std::move(out[j]));
+}  // namespace detail
+
+// Every Linear that quantize_tensors would quantize: (module name, in_features K), in input order.
+inline std::vector<std::pair<std::string, std::int64_t>> quantized_linears(const std::vector<io::TensorToWrite>& dense,
+                                                                            const QuantizeOptions& o) {
+  std::vector<std::pair<std::string, std::int64_t>> out;
+  for (const detail::QuantizeJob& j : detail::plan_quantization(dense, true, o).jobs)
+    if (!j.module.empty()) out.emplace_back(j.module, j.K);
+  return out;
+}
+
+// The AWQ/GPTQ group size for these Linears. `requested` (fpf-synth --group-size) must be -1 or positive and divide
+// every in_features (an error naming the first Linear it does not divide: a partial last group is legal for GPTQ
+// but not for AWQ, and real checkpoints have none). Without a request: 128 (AutoAWQ's and GPTQModel's default, that
+// of the published Qwen3 checkpoints) when it divides every in_features, else the largest divisor of all of them
+// below 128 (the tiny test shapes have in_features 16..128). `where` names the option in errors.
+inline std::int64_t resolve_group_size(const std::vector<std::pair<std::string, std::int64_t>>& linears,
+                                       std::optional<std::int64_t> requested, const std::string& where = "group size") {
+  if (requested) {
+    const std::int64_t g = *requested;
+    if (g != -1 && g < 1) throw Error(where, "must be -1 (one group over in_features) or positive, got " + std::to_string(g));
+    if (g != -1)
+      for (const auto& [module, K] : linears)
+        if (K % g != 0)
+          throw Error(where, std::to_string(g) + " does not divide in_features " + std::to_string(K) + " of " + module);
+    return g;
   }
+  std::int64_t all = 0;  // gcd of every in_features
+  for (const auto& [module, K] : linears) all = std::gcd(all, K);
+  if (all == 0 || all % 128 == 0) return 128;
+  for (std::int64_t g = std::min<std::int64_t>(all, 127); g > 1; --g)
+    if (all % g == 0) return g;
+  return 1;
+}
+
+// quantize_tensors' result delivered in batches of consecutive output pieces (Linears of about batch_elements dense
+// elements in all, with the pass-through tensors between them), in input order: emit(sink) is called once per batch
+// on the calling thread, and progress(done, total) counts Linears after each batch. Only one batch of quantized
+// bytes is held at a time, which is what lets fpf-synth quantize the ~19,400 Linears of the real shape (16 GB of
+// output) without holding them; the batching, like the thread count, does not change the bytes. Returns the skip
+// list for quantization_config.
+inline std::vector<std::string> quantize_tensors_streamed(
+    const std::vector<io::TensorToWrite>& dense, DType model_dtype, bool tied, const QuantizeOptions& o,
+    const std::function<void(detail::TensorSink&&)>& emit,
+    const std::function<void(std::size_t done, std::size_t total)>& progress = {},
+    std::size_t batch_elements = std::size_t{1} << 26) {
+  if (o.group_size != -1 && o.group_size < 1)
+    throw Error("group size", "must be -1 or positive, got " + std::to_string(o.group_size));
+  // Jobs run on worker threads, each into its own sink; the sinks are joined in job order, so the result (and the
+  // first error reported) does not depend on the thread count.
+  const detail::QuantizePlan plan = detail::plan_quantization(dense, tied, o);
+  const std::vector<detail::QuantizeJob>& jobs = plan.jobs;
+  const unsigned threads = std::max(1u, o.threads ? o.threads : std::thread::hardware_concurrency());
+  std::size_t done = 0;
+  for (std::size_t begin = 0; begin < jobs.size();) {
+    std::size_t end = begin, elements = 0;
+    while (end < jobs.size() && (end == begin || elements < batch_elements)) {
+      elements += static_cast<std::size_t>(jobs[end].N * jobs[end].K);
+      ++end;
+    }
+    const std::size_t count = end - begin;
+    std::vector<detail::TensorSink> out(count);
+    std::vector<std::exception_ptr> errors(count);
+    std::atomic<std::size_t> next{0};
+    auto work = [&] {
+      for (std::size_t i; (i = next.fetch_add(1)) < count;) {
+        const detail::QuantizeJob& job = jobs[begin + i];
+        try {
+          if (job.module.empty()) {
+            out[i].copy(*job.t);
+          } else {
+            const std::vector<float> w = widen_f32(*job.t, job.offset, static_cast<std::size_t>(job.N * job.K));
+            write_quantized_linear(out[i], job.module, w, job.N, job.K, o, model_dtype);
+          }
+        } catch (...) {
+          errors[i] = std::current_exception();
+        }
+      }
+    };
+    std::vector<std::thread> pool;
+    for (unsigned t = 1; t < std::min<std::size_t>(threads, count); ++t) pool.emplace_back(work);
+    work();
+    for (std::thread& th : pool) th.join();
+    detail::TensorSink batch;
+    for (std::size_t i = 0; i < count; ++i) {
+      if (errors[i]) std::rethrow_exception(errors[i]);
+      batch.append(std::move(out[i]));
+      done += !jobs[begin + i].module.empty();
+    }
+    emit(std::move(batch));
+    if (progress) progress(done, plan.linears);
+    begin = end;
+  }
+  return plan.skip;
+}
+
+// model_dtype: the float dtype of the dense model (config.json's); tied: tie_word_embeddings.
+inline QuantizedTensors quantize_tensors(const std::vector<io::TensorToWrite>& dense, DType model_dtype, bool tied,
+                                         const QuantizeOptions& o) {
+  QuantizedTensors q;
+  q.skip = quantize_tensors_streamed(dense, model_dtype, tied, o,
+                                     [&](detail::TensorSink&& batch) { q.sink.append(std::move(batch)); });
   return q;
 }
 
 // Reads the dense checkpoint in src (config.json + safetensors), writes the quantized one to dst (created; weight
 // files of an earlier run there are removed). Also copies generation_config.json and tokenizer files when present.
 inline void quantize_checkpoint(const std::filesystem::path& src, const std::filesystem::path& dst,
-                                const QuantizeOptions& o) {
+                                const QuantizeOptions& o,
+                                const std::function<void(std::size_t done, std::size_t total)>& progress = {}) {
   namespace fs = std::filesystem;
   const io::ModelConfig cfg = io::load_config(src);
   const fs::path cfg_file = src / "config.json";
@@ -328,14 +412,6 @@ inline void quantize_checkpoint(const std::filesystem::path& src, const std::fil
     const io::TensorInfo& t = ckpt.get(name);
     dense.push_back({t.name, t.dtype, t.shape, t.bytes});
   }
-  QuantizedTensors q = [&] {
-    try {
-      return quantize_tensors(dense, model_dtype, cfg.tie_word_embeddings, o);
-    } catch (const Error& e) {
-      throw Error(src.string(), e.what());
-    }
-  }();
-
   std::error_code ec;
   if (fs::exists(dst, ec) && fs::equivalent(src, dst, ec))
     throw Error(dst.string(), "the output directory must differ from the source checkpoint");
@@ -346,10 +422,27 @@ inline void quantize_checkpoint(const std::filesystem::path& src, const std::fil
     if (const std::string f = e.path().filename().string();
         f == io::kSingleFileName || f == io::kIndexFileName || (f.rfind("model-", 0) == 0 && f.ends_with(".safetensors")))
       fs::remove(e.path());
-  if (o.max_shard_bytes == 0) io::write_safetensors(dst / io::kSingleFileName, q.tensors());
-  else io::write_sharded_checkpoint(dst, q.tensors(), o.max_shard_bytes);
+  std::vector<std::string> skip;
+  try {
+    if (o.max_shard_bytes == 0) {  // one file: its header lists every tensor, so all are held
+      QuantizedTensors q = quantize_tensors(dense, model_dtype, cfg.tie_word_embeddings, o);
+      io::write_safetensors(dst / io::kSingleFileName, q.tensors());
+      skip = std::move(q.skip);
+    } else {  // shard by shard: only one shard and one batch of quantized tensors held
+      io::ShardedCheckpointWriter writer(dst, o.max_shard_bytes);
+      skip = quantize_tensors_streamed(
+          dense, model_dtype, cfg.tie_word_embeddings, o,
+          [&](detail::TensorSink&& batch) {
+            for (const io::TensorToWrite& t : batch.tensors()) writer.add(t);
+          },
+          progress);
+      writer.finish();
+    }
+  } catch (const Error& e) {
+    throw Error(src.string(), e.what());
+  }
 
-  root.get_object()["quantization_config"] = quantization_config_json(o, model_dtype, q.skip);
+  root.get_object()["quantization_config"] = quantization_config_json(o, model_dtype, skip);
   const std::string text = boost::json::serialize(root) + "\n";
   io::detail::write_file_atomically(dst / "config.json", {std::as_bytes(std::span<const char>(text.data(), text.size()))});
   for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
