@@ -123,17 +123,32 @@ double copy_bandwidth_gbs() {
   return gbs[gbs.size() / 2];
 }
 
-// Bytes one decode step of batch 1 must read at least: the weights it uses (attention, router, the top-k experts,
-// final norm, lm_head) and the KV cache of `keys` positions.
-double decode_bytes(const fpf::io::ModelConfig& c, std::size_t elem, std::int64_t keys) {
-  const double H = c.hidden_size, D = c.head_dim, nq = c.num_attention_heads * D, nkv = c.num_key_value_heads * D;
-  double params = c.vocab_size * H + H;  // lm_head, final norm (one embedding row is negligible)
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    params += 2 * H * nq + 2 * H * nkv + 2 * D + 2 * H;
-    params += c.is_moe_layer(l) ? c.num_experts * H + c.num_experts_per_tok * 3.0 * H * c.moe_intermediate_size
-                                : 3.0 * H * c.intermediate_size;
+// Bytes one decode step of batch 1 must read at least, in the checkpoint's own format: every tensor it uses as the
+// file stores it (4-bit codes, scales, zeros, g_idx, absmax; dense float tensors at the run's element size elem):
+// attention, norms, router, lm_head, and top-k of each layer's experts (the layer's expert bytes / E * k); one row of
+// the embedding; plus the KV cache of `keys` positions in the run's element size.
+double decode_bytes(const fpf::io::Checkpoint& ckpt, const fpf::io::ModelConfig& c, std::size_t elem, std::int64_t keys) {
+  const double nkv = static_cast<double>(c.num_key_value_heads) * c.head_dim;
+  double total = static_cast<double>(keys) * 2 * nkv * static_cast<double>(elem) * c.num_hidden_layers;
+  double experts = 0;
+  for (const std::string& name : ckpt.names()) {
+    const fpf::io::TensorInfo& t = ckpt.get(name);
+    double b = static_cast<double>(t.bytes.size());
+    const bool is_float = t.dtype == fpf::DType::F32 || t.dtype == fpf::DType::BF16 || t.dtype == fpf::DType::F16;
+    const bool quant_side = name.find(".scales") != std::string::npos || name.find(".absmax") != std::string::npos ||
+                            name.find(".quant_map") != std::string::npos;
+    if (is_float && !quant_side) b = b / static_cast<double>(fpf::dtype_size(t.dtype)) * static_cast<double>(elem);
+    if (name.rfind("model.embed_tokens.", 0) == 0) {
+      total += b / static_cast<double>(c.vocab_size);
+      if (!c.tie_word_embeddings) continue;
+      total += b;  // tied: the lm_head product reads it whole
+    } else if (name.find(".mlp.experts.") != std::string::npos) {
+      experts += b;
+    } else {
+      total += b;
+    }
   }
-  return params * static_cast<double>(elem) + static_cast<double>(keys) * 2 * nkv * elem * c.num_hidden_layers;
+  return total + (c.num_experts > 0 ? experts / c.num_experts * c.num_experts_per_tok : 0.0);
 }
 
 double median(std::vector<double> v) {
@@ -194,18 +209,20 @@ int main(int argc, char** argv) {
                 cfg.num_experts_per_tok, precision_text.c_str(), prompt_tokens, steps, reps);
     const double bw = copy_bandwidth_gbs();
     const std::size_t elem = precision == fpf::Precision::fp32 ? 4 : 2;
-    const double bytes = decode_bytes(cfg, elem, prompt_tokens + steps / 2);
-    std::printf("HBM copy bandwidth %.0f GB/s (read + write, 2 GiB device-to-device, median of 10); decode bytes/token at "
-                "batch 1 %.2f GB -> roofline %.3f ms/token\n",
-                bw, bytes / 1e9, bytes / 1e9 / bw * 1e3);
+    const double bytes = decode_bytes(ckpt, cfg, elem, prompt_tokens + steps / 2);
+    const std::string scheme = fpf::quant::policy_name(fpf::quant::load_quant_config(model_dir));
+    std::printf("HBM copy bandwidth %.0f GB/s (read + write, 2 GiB device-to-device, median of 10); %s decode bytes/token at "
+                "batch 1 %.3f GB -> roofline %.3f ms/token\n",
+                bw, scheme.c_str(), bytes / 1e9, bytes / 1e9 / bw * 1e3);
     std::FILE* js = json_out.empty() ? nullptr : std::fopen(json_out.c_str(), "w");
     bool all_ok = true;
     for (const std::string attention : {std::string("eager"), std::string("flash")}) {
       if (attentions_text.find(attention) == std::string::npos) continue;
-      fpf::with_setup("cuda", attention, [&]<class S>() {
+      fpf::with_setup_for(model_dir, "cuda", attention, [&]<class S>() {
         const auto t0 = Clock::now();
         typename S::backend::template Model<S> model(ckpt, cfg, fpf::EngineOptions{precision});
-        std::printf("%s: weights loaded in %.1f s\n", attention.c_str(), std::chrono::duration<double>(Clock::now() - t0).count());
+        std::printf("%s %s: weights loaded in %.1f s\n", S::quant::name.data(), attention.c_str(),
+                    std::chrono::duration<double>(Clock::now() - t0).count());
         std::vector<fpf::Captured> seq0_bs1;
         std::vector<std::int32_t> bs1_tokens;
         for (int B : batches) {
@@ -246,9 +263,9 @@ int main(int argc, char** argv) {
             }
           }
           if (B == 1) bs1_tokens = runs[0].tokens[0];
-          std::printf("%s bs%d: %d reps %s (seq0 hash %016llx); prefill %.1f ms (%d tokens/seq), decode %.2f ms/token "
+          std::printf("%s %s bs%d: %d reps %s (seq0 hash %016llx); prefill %.1f ms (%d tokens/seq), decode %.2f ms/token "
                       "[prefill reps:",
-                      attention.c_str(), B, reps, same ? "bit-identical" : "DIFFER", static_cast<unsigned long long>(runs[0].hash[0]),
+                      scheme.c_str(), attention.c_str(), B, reps, same ? "bit-identical" : "DIFFER", static_cast<unsigned long long>(runs[0].hash[0]),
                       median(pre), prompt_tokens, median(dec));
           for (double p : pre) std::printf(" %.1f", p);
           std::printf("; decode reps:");
@@ -262,11 +279,11 @@ int main(int argc, char** argv) {
                         pre_h, pre_k, pre_lp, compared_steps, worst_h, worst_k, worst_lp, first_token_diff);
           if (js)
             std::fprintf(js,
-                         "{\"attention\":\"%s\",\"batch\":%d,\"reps\":%d,\"bit_identical\":%s,\"prefill_ms\":%.3f,"
+                         "{\"scheme\":\"%s\",\"attention\":\"%s\",\"batch\":%d,\"reps\":%d,\"bit_identical\":%s,\"prefill_ms\":%.3f,"
                          "\"decode_ms_per_token\":%.4f,\"seq0_vs_bs1_prefill_hidden\":%.6g,\"seq0_vs_bs1_prefill_key\":%.6g,"
                          "\"seq0_vs_bs1_prefill_logprob\":%.6g,\"seq0_vs_bs1_hidden\":%.6g,\"seq0_vs_bs1_key\":%.6g,"
                          "\"seq0_vs_bs1_logprob\":%.6g,\"first_token_diff_step\":%d}\n",
-                         attention.c_str(), B, reps, same ? "true" : "false", median(pre), median(dec), pre_h, pre_k, pre_lp, worst_h,
+                         scheme.c_str(), attention.c_str(), B, reps, same ? "true" : "false", median(pre), median(dec), pre_h, pre_k, pre_lp, worst_h,
                          worst_k, worst_lp, first_token_diff);
           std::fflush(stdout);
         }

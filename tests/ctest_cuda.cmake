@@ -8,7 +8,8 @@ if(FPF_WITH_CUDA)
   target_link_libraries(fpf_cuda_tests PRIVATE fpf::fpf doctest::doctest CUDA::cudart CUDA::cublasLt)
   target_compile_definitions(fpf_cuda_tests PRIVATE FPF_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
   foreach(_case IN ITEMS "cuda ops fp32*" "cuda ops bf16*" "cuda ops fp16*" "cuda engine fp32*" "cuda engine: a sequence*"
-                         "cuda engine bf16*")
+                         "cuda engine bf16*" "cuda quant ops fp32*" "cuda quant ops bf16*" "cuda quant ops fp16*"
+                         "cuda quant engine*")
     string(REGEX REPLACE "[^a-z0-9]+" "_" _name "${_case}")
     string(REGEX REPLACE "_$" "" _name "${_name}")
     add_test(NAME cuda.${_name} COMMAND fpf_cuda_tests "--test-case=${_case}" WORKING_DIRECTORY ${PROJECT_BINARY_DIR})

@@ -33,8 +33,17 @@ struct CudaArgs {
 inline constexpr int kSplitKeys = 128;
 inline constexpr int kSplitMaxRows = 8;
 __host__ __device__ inline std::size_t split_chunks(int max_keys) { return static_cast<std::size_t>((max_keys + kSplitKeys - 1) / kSplitKeys); }
+// Flash decode uses smaller chunks (a 6k-token cache then spreads over ~190 blocks per KV head): kFlashSplitKeys
+// rounded up to whole tiles of the policy's Bc.
+inline constexpr int kFlashSplitKeys = 32;
+__host__ __device__ constexpr int flash_chunk_keys(int bc) { return (kFlashSplitKeys + bc - 1) / bc * bc; }
+__host__ __device__ inline std::size_t flash_split_chunks(int max_keys, int bc) {
+  return static_cast<std::size_t>((max_keys + flash_chunk_keys(bc) - 1) / flash_chunk_keys(bc));
+}
 inline std::size_t split_scratch_floats(int rows, int num_heads, int head_dim, int max_keys) {
-  return static_cast<std::size_t>(rows) * num_heads * (static_cast<std::size_t>(max_keys) + split_chunks(max_keys) * (head_dim + 2));
+  const std::size_t eager = static_cast<std::size_t>(max_keys) + split_chunks(max_keys) * (head_dim + 2);
+  const std::size_t flash = flash_split_chunks(max_keys, 1) * (head_dim + 2);  // Bc = 1: the most chunks
+  return static_cast<std::size_t>(rows) * num_heads * (eager > flash ? eager : flash);
 }
 
 template <class A>

@@ -24,7 +24,7 @@ __global__ void k_flash(CudaArgs<T> a) {
   T* Ks = reinterpret_cast<T*>(smem + G * (DR * 32));
   T* Vs = Ks + Bc * KS;
   const int n_all = a.row_pos[r] + 1;
-  constexpr int chunk = (kSplitKeys + Bc - 1) / Bc * Bc;
+  constexpr int chunk = flash_chunk_keys(Bc);
   const int j_begin = Split ? static_cast<int>(blockIdx.z) * chunk : 0;
   const int n = Split ? min(n_all, j_begin + chunk) : n_all;
   const T* q = a.q + static_cast<std::size_t>(r) * a.q_stride + h * D;
@@ -48,14 +48,21 @@ __global__ void k_flash(CudaArgs<T> a) {
     __syncthreads();
     float s = -INFINITY;
     if (lane < nb) {
+      // Four partial sums over interleaved 16-byte chunks (independent chains), added in a fixed order.
       const auto* kr = reinterpret_cast<const cuda::ops::Vec<T>*>(Ks + lane * KS);
-      float d0 = 0.0f;
-      for (int c = 0; c < vec_per_row; ++c) {
-        const cuda::ops::Vec<T> kv = kr[c];
+      float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int c0 = 0; c0 < vec_per_row; c0 += 4) {
 #pragma unroll
-        for (int i = 0; i < Vn; ++i) d0 += qs[c * Vn + i] * cuda::to_f(kv.v[i]);
+        for (int u = 0; u < 4; ++u) {
+          const int c = c0 + u;
+          if (c < vec_per_row) {
+            const cuda::ops::Vec<T> kv = kr[c];
+#pragma unroll
+            for (int i = 0; i < Vn; ++i) d4[u] += qs[c * Vn + i] * cuda::to_f(kv.v[i]);
+          }
+        }
       }
-      s = d0 * a.scale;
+      s = ((d4[0] + d4[1]) + (d4[2] + d4[3])) * a.scale;
     }
     const float m_new = fmaxf(m, cuda::warp_max(s));
     const float corr = expf(m - m_new);
@@ -90,26 +97,32 @@ __global__ void k_flash(CudaArgs<T> a) {
     if (lane + 32 * i < D) o[lane + 32 * i] = cuda::from_f<T>(acc[i] * inv_l);
 }
 
-// Merges the chunks of one (row, head) in chunk order: m = max m_c, l = sum l_c e^(m_c - m),
-// out = sum acc_c e^(m_c - m) / l.
+// Merges the chunks of one (row, head): m = max m_c, w_c = e^(m_c - m) (0 for a chunk past the row's keys),
+// l = sum l_c w_c (fixed tree), out = sum_c acc_c w_c (chunk order) / l. One block per (row, head); thread d owns
+// output dim d; the chunk weights sit in shared memory.
 template <class T>
 __global__ void k_flash_combine(CudaArgs<T> a, int chunks) {
+  extern __shared__ float wts[];
+  __shared__ float red[32];
   const int D = a.head_dim, r = blockIdx.x, h = blockIdx.y;
   const std::size_t rh = static_cast<std::size_t>(r) * a.num_heads + h;
   const float* part = a.scratch + rh * chunks * (D + 2);
   float m = -INFINITY;
-  for (int c = 0; c < chunks; ++c) m = fmaxf(m, part[static_cast<std::size_t>(c) * (D + 2) + D]);
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) m = fmaxf(m, part[static_cast<std::size_t>(c) * (D + 2) + D]);
+  m = cuda::block_max(m, red);
   float l = 0.0f;
-  for (int c = 0; c < chunks; ++c) {
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
     const float* pc = part + static_cast<std::size_t>(c) * (D + 2);
-    if (pc[D + 1] > 0.0f) l += pc[D + 1] * expf(pc[D] - m);
+    const float w = pc[D + 1] > 0.0f ? expf(pc[D] - m) : 0.0f;
+    wts[c] = w;
+    l += pc[D + 1] * w;
   }
+  __syncthreads();
+  l = cuda::block_sum(l, red);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.0f;
-    for (int c = 0; c < chunks; ++c) {
-      const float* pc = part + static_cast<std::size_t>(c) * (D + 2);
-      if (pc[D + 1] > 0.0f) acc += pc[d] * expf(pc[D] - m);
-    }
+    for (int c = 0; c < chunks; ++c)
+      if (wts[c] > 0.0f) acc += part[static_cast<std::size_t>(c) * (D + 2) + d] * wts[c];
     a.out[rh * D + d] = cuda::from_f<T>(acc / l);
   }
 }
@@ -142,10 +155,12 @@ struct Cuda<Flash<Bc>> {
     if (a.num_heads % a.num_kv_heads != 0 || a.num_heads / a.num_kv_heads > 32)
       throw Error("config.json: num_key_value_heads", "the CUDA flash kernel needs at most 32 query heads per KV head");
     if (a.scratch && a.rows <= kSplitMaxRows) {
-      constexpr int chunk = (kSplitKeys + Bc - 1) / Bc * Bc;
-      const int chunks = (a.max_keys + chunk - 1) / chunk;
+      const int chunks = static_cast<int>(flash_split_chunks(a.max_keys, Bc));
       detail::launch_flash<T, Bc, true>(a, dim3(a.rows, a.num_kv_heads, chunks), s);
-      detail::k_flash_combine<T><<<dim3(a.rows, a.num_heads), 32, 0, s>>>(a, chunks);
+      const std::size_t smem = static_cast<std::size_t>(chunks) * sizeof(float);
+      if (smem > 48 * 1024)
+        FPF_CUDA(cudaFuncSetAttribute(detail::k_flash_combine<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      detail::k_flash_combine<T><<<dim3(a.rows, a.num_heads), 128, smem, s>>>(a, chunks);
       FPF_CUDA_LAUNCH("attention flash (split keys)");
       return;
     }

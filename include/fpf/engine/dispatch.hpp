@@ -34,6 +34,14 @@ int with_attention_cpu(std::string_view attention, Fn& fn) {
   return fn.template operator()<Setup<Q, attn::Flash<>, par::Single, cpu::Backend>>();
 }
 
+#if defined(FPF_HAVE_CUDA_BACKEND)
+template <class Q, class Fn>
+int with_attention_cuda(std::string_view attention, Fn& fn) {
+  if (attention == "eager") return fn.template operator()<Setup<Q, attn::Eager, par::Single, cuda::Backend>>();
+  return fn.template operator()<Setup<Q, attn::Flash<>, par::Single, cuda::Backend>>();
+}
+#endif
+
 }  // namespace dispatch_detail
 
 // quant: "dense", "awq", "gptq" or "nf4" (quant::policy_name of the checkpoint's quantization_config).
@@ -51,10 +59,10 @@ int with_setup(std::string_view backend, std::string_view attention, std::string
   }
   if (backend == "cuda") {
 #if defined(FPF_HAVE_CUDA_BACKEND)
-    if (quant != "dense")
-      throw Error("--backend", "the CUDA backend has no " + std::string(quant) + " kernels yet (use --backend cpu)");
-    if (attention == "eager") return fn.template operator()<Setup<quant::Dense, attn::Eager, par::Single, cuda::Backend>>();
-    return fn.template operator()<Setup<quant::Dense, attn::Flash<>, par::Single, cuda::Backend>>();
+    if (quant == "awq") return dispatch_detail::with_attention_cuda<quant::Awq<4>>(attention, fn);
+    if (quant == "gptq") return dispatch_detail::with_attention_cuda<quant::Gptq<4>>(attention, fn);
+    if (quant == "nf4") return dispatch_detail::with_attention_cuda<quant::Nf4>(attention, fn);
+    return dispatch_detail::with_attention_cuda<quant::Dense>(attention, fn);
 #else
     throw Error("--backend", "this build has no CUDA backend (build with nvcc and FPF_WITH_CUDA=ON; use cpu)");
 #endif

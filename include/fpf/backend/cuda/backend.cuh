@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -37,6 +38,7 @@
 #include <fpf/backend/interface.hpp>
 #include <fpf/backend/cuda/common.cuh>
 #include <fpf/backend/cuda/gemm.cuh>
+#include <fpf/backend/cuda/linear.cuh>
 #include <fpf/backend/cuda/ops.cuh>
 #include <fpf/core/error.hpp>
 #include <fpf/engine/options.hpp>
@@ -46,6 +48,7 @@
 #include <fpf/model/rope.hpp>
 #include <fpf/model/weights.hpp>
 #include <fpf/quant/dense.hpp>
+#include <fpf/quant/packed.hpp>
 #include <fpf/taps/capture.hpp>
 
 namespace fpf::cuda {
@@ -130,18 +133,35 @@ class Uploader {
 template <class T>
 struct LayerW {
   DeviceBuffer<float> input_norm, post_norm, q_norm, k_norm;
-  DeviceBuffer<T> qkv, o;      // [q_dim + 2 kv_dim, H], [H, q_dim]
+  Linear<T> qkv, o;      // [q_dim + 2 kv_dim, H], [H, q_dim]
   bool moe = false;
-  DeviceBuffer<T> gate_up, down;  // dense: [2I, H], [H, I]; MoE: [E, 2I, H], [E, H, I] (gate rows first)
-  DeviceBuffer<T> router;         // [E, H]
+  Linear<T> gate_up, down;  // dense MLP: [2I, H], [H, I]; MoE: E x [2I, H], E x [H, I] (gate rows first)
+  Linear<T> router;         // [E, H]
 };
+
+// How the setup's Quant policy stores a Linear: quantized (then its packer gives the 4-bit form) or dense.
+struct QuantFns {
+  std::function<bool(const model::WeightReader&, const std::string&)> quantized;
+  std::function<quant::Packer(model::WeightReader&, const std::string&, std::int64_t, std::int64_t)> packer;
+};
+template <class Quant>
+QuantFns quant_fns() {
+  if constexpr (std::is_same_v<Quant, quant::Dense>) {
+    return {[](const model::WeightReader&, const std::string&) { return false; }, nullptr};
+  } else {
+    return {[](const model::WeightReader& r, const std::string& m) { return Quant::quantized(r, m); },
+            [](model::WeightReader& r, const std::string& m, std::int64_t out, std::int64_t in) {
+              return Quant::packer(r, m, out, in);
+            }};
+  }
+}
 
 // The whole model for one storage type and one attention policy.
 template <class Attention, class T>
 class Impl {
  public:
-  Impl(const io::Checkpoint& ckpt, const io::ModelConfig& cfg) : cfg_(cfg) {
-    load(ckpt);
+  Impl(const io::Checkpoint& ckpt, const io::ModelConfig& cfg, const QuantFns& qf) : cfg_(cfg) {
+    load(ckpt, qf);
     const std::vector<float> inv = model::rope_inv_freq(cfg.rope_theta, cfg.head_dim);
     inv_freq_.upload(inv);
   }
@@ -232,7 +252,7 @@ class Impl {
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       LayerW<T>& L = layers_[static_cast<std::size_t>(l)];
       ops::rmsnorm<T>(x_.get(), nullptr, L.input_norm.get(), h_.get(), R, H, eps);
-      gemm_.linear<T>(h_.get(), R, L.qkv.get(), qkv_dim, H, qkv_.get());
+      L.qkv.apply(gemm_, h_.get(), R, qkv_.get(), wscratch_.get());
       timer_.mark("norm+qkv");
       T* const* kc = kptr_.get() + static_cast<std::size_t>(l) * B;
       T* const* vc = vptr_.get() + static_cast<std::size_t>(l) * B;
@@ -271,14 +291,14 @@ class Impl {
         attn::Cuda<Attention>::template run<T>(a);
       }
       timer_.mark("attention");
-      gemm_.linear<T>(att_.get(), R, L.o.get(), H, q_dim, tmp_.get());
+      L.o.apply(gemm_, att_.get(), R, tmp_.get(), wscratch_.get());
       ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H);
       ops::rmsnorm<T>(x_.get(), nullptr, L.post_norm.get(), h_.get(), R, H, eps);
       timer_.mark("o+norm");
       if (!L.moe) {
-        gemm_.linear<T>(h_.get(), R, L.gate_up.get(), 2 * I, H, gu_.get());
+        L.gate_up.apply(gemm_, h_.get(), R, gu_.get(), wscratch_.get());
         ops::swiglu<T>(gu_.get(), act_.get(), R, I);
-        gemm_.linear<T>(act_.get(), R, L.down.get(), H, I, tmp_.get());
+        L.down.apply(gemm_, act_.get(), R, tmp_.get(), wscratch_.get());
         ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H);
       } else {
         moe(L, R);
@@ -370,14 +390,14 @@ class Impl {
   void moe(LayerW<T>& L, int R) {
     const int H = cfg_.hidden_size, E = cfg_.num_experts, k = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size;
     const int P = R * k;
-    gemm_.linear<T>(h_.get(), R, L.router.get(), E, H, rlogits_.get());
+    L.router.apply(gemm_, h_.get(), R, rlogits_.get(), wscratch_.get());
     std::int32_t* d_ids = route_ids_.get();
     ops::router<T>(rlogits_.get(), R, E, k, cfg_.norm_topk_prob, d_ids, route_wts_.get());
     timer_.mark("moe router");
     if (R <= ops::kGemvMaxRows) {
-      ops::moe_gemv<T>(h_.get(), k, L.gate_up.get(), d_ids, P, 2 * I, H, gu_.get());
+      L.gate_up.moe_gemv(h_.get(), k, d_ids, P, gu_.get());
       ops::swiglu<T>(gu_.get(), act_.get(), P, I);
-      ops::moe_gemv<T>(act_.get(), 1, L.down.get(), d_ids, P, H, I, ye_.get());
+      L.down.moe_gemv(act_.get(), 1, d_ids, P, ye_.get());
       ops::moe_combine<T>(x_.get(), ye_.get(), nullptr, route_wts_.get(), R, k, H);
       return;
     }
@@ -397,12 +417,11 @@ class Impl {
     FPF_CUDA(cudaMemcpy(d_perm, perm_and_slot.data(), perm_and_slot.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
     ops::gather<T>(h_.get(), d_perm, k, P, xg_.get(), H);
     timer_.mark("moe group");
-    const std::size_t gu_stride = static_cast<std::size_t>(2) * I * H, down_stride = static_cast<std::size_t>(H) * I;
     for (int e = 0; e < E; ++e) {
       const int n = count[e + 1] - count[e];
       if (n == 0) continue;
       const std::size_t off = static_cast<std::size_t>(count[e]);
-      gemm_.linear<T>(xg_.get() + off * H, n, L.gate_up.get() + e * gu_stride, 2 * I, H, gu_.get() + off * 2 * I);
+      L.gate_up.expert(gemm_, e, xg_.get() + off * H, n, gu_.get() + off * 2 * I, wscratch_.get());
     }
     timer_.mark("moe gate_up");
     ops::swiglu<T>(gu_.get(), act_.get(), P, I);
@@ -410,13 +429,13 @@ class Impl {
       const int n = count[e + 1] - count[e];
       if (n == 0) continue;
       const std::size_t off = static_cast<std::size_t>(count[e]);
-      gemm_.linear<T>(act_.get() + off * I, n, L.down.get() + e * down_stride, H, I, ye_.get() + off * H);
+      L.down.expert(gemm_, e, act_.get() + off * I, n, ye_.get() + off * H, wscratch_.get());
     }
     timer_.mark("moe down");
     ops::moe_combine<T>(x_.get(), ye_.get(), d_perm + P, route_wts_.get(), R, k, H);
   }
 
-  void load(const io::Checkpoint& ckpt) {
+  void load(const io::Checkpoint& ckpt, const QuantFns& qf) {
     model::WeightReader r(ckpt, cfg_);
     Uploader up;
     const std::int64_t H = cfg_.hidden_size, V = cfg_.vocab_size, D = cfg_.head_dim;
@@ -427,10 +446,47 @@ class Impl {
       buf.resize(static_cast<std::size_t>(t.numel()));
       up.template operator()<E>(t, 0, static_cast<std::size_t>(t.numel()), buf.get());
     };
-    // A Linear's weight [out, in] into dst (the Quant policy's tensor name; only quant::Dense on the GPU so far).
+    // A dense Linear's weight [out, in] into dst.
     auto linear_into = [&](T* dst, const std::string& module, std::int64_t out, std::int64_t in) {
       const io::TensorInfo& t = r.tensor(module + ".weight", {out, in});
       up.template operator()<T>(t, 0, static_cast<std::size_t>(out * in), dst);
+    };
+    std::size_t scratch = 0;
+    // Modules sharing one input: modules[e][j] is part j (rows outs[j], concatenated in order) of matrix e. Dense
+    // (T) or 4-bit packed as the policy finds them; the packers of all parts run on worker threads.
+    auto load_linear = [&](Linear<T>& lin, const std::vector<std::vector<std::string>>& modules,
+                           const std::vector<std::int64_t>& outs, std::int64_t in) {
+      const std::size_t E = modules.size(), J = outs.size();
+      std::int64_t N = 0;
+      for (std::int64_t o : outs) N += o;
+      lin.set_shape(static_cast<int>(E), static_cast<int>(N), static_cast<int>(in));
+      const bool quantized = qf.quantized(r, modules[0][0]);
+      for (const auto& row : modules)
+        for (const std::string& m : row)
+          if (qf.quantized(r, m) != quantized)
+            throw Error(ckpt.dir().string() + ": " + m, std::string("stored ") + (quantized ? "dense" : "quantized") +
+                                                           " while " + modules[0][0] + " is not: the CUDA backend fuses "
+                                                           "these modules' rows and needs them stored alike");
+      if (!quantized) {
+        lin.dense().resize(E * static_cast<std::size_t>(N * in));
+        for (std::size_t e = 0; e < E; ++e) {
+          std::int64_t row0 = 0;
+          for (std::size_t j = 0; j < J; ++j) {
+            linear_into(lin.dense().get() + (static_cast<std::int64_t>(e) * N + row0) * in, modules[e][j], outs[j], in);
+            row0 += outs[j];
+          }
+        }
+        return;
+      }
+      std::vector<quant::Packer> packers;
+      for (std::size_t j = 0; j < J; ++j)
+        for (std::size_t e = 0; e < E; ++e) packers.push_back(qf.packer(r, modules[e][j], outs[j], in));
+      std::vector<quant::Packed4> packed = run_packers(packers);
+      std::vector<std::vector<quant::Packed4>> parts(J);
+      for (std::size_t j = 0; j < J; ++j)
+        for (std::size_t e = 0; e < E; ++e) parts[j].push_back(std::move(packed[j * E + e]));
+      upload_packed(lin, parts);
+      scratch = std::max(scratch, lin.scratch_elems());
     };
     whole(embed_, "model.embed_tokens.weight", {V, H});
     whole(final_norm_, "model.norm.weight", {H});
@@ -438,6 +494,8 @@ class Impl {
     if (cfg_.tie_word_embeddings) {
       ignorable.insert("lm_head.weight");
     } else {
+      if (qf.quantized(r, "lm_head"))
+        throw Error(ckpt.dir().string() + ": lm_head", "stored quantized: the CUDA backend reads a dense lm_head only");
       lm_head_.resize(static_cast<std::size_t>(V * H));
       linear_into(lm_head_.get(), "lm_head", V, H);
     }
@@ -449,46 +507,42 @@ class Impl {
       whole(L.post_norm, p + ".post_attention_layernorm.weight", {H});
       whole(L.q_norm, p + ".self_attn.q_norm.weight", {D});
       whole(L.k_norm, p + ".self_attn.k_norm.weight", {D});
-      L.qkv.resize(static_cast<std::size_t>((nq + 2 * nkv) * H));
-      linear_into(L.qkv.get(), p + ".self_attn.q_proj", nq, H);
-      linear_into(L.qkv.get() + nq * H, p + ".self_attn.k_proj", nkv, H);
-      linear_into(L.qkv.get() + (nq + nkv) * H, p + ".self_attn.v_proj", nkv, H);
-      L.o.resize(static_cast<std::size_t>(H * nq));
-      linear_into(L.o.get(), p + ".self_attn.o_proj", H, nq);
+      const std::string a = p + ".self_attn.";
+      load_linear(L.qkv, {{a + "q_proj", a + "k_proj", a + "v_proj"}}, {nq, nkv, nkv}, H);
+      load_linear(L.o, {{a + "o_proj"}}, {H}, nq);
       L.moe = cfg_.is_moe_layer(l);
       if (!L.moe) {
         const std::int64_t I = cfg_.intermediate_size;
-        L.gate_up.resize(static_cast<std::size_t>(2 * I * H));
-        L.down.resize(static_cast<std::size_t>(H * I));
-        linear_into(L.gate_up.get(), p + ".mlp.gate_proj", I, H);
-        linear_into(L.gate_up.get() + I * H, p + ".mlp.up_proj", I, H);
-        linear_into(L.down.get(), p + ".mlp.down_proj", H, I);
+        const std::string m = p + ".mlp.";
+        load_linear(L.gate_up, {{m + "gate_proj", m + "up_proj"}}, {I, I}, H);
+        load_linear(L.down, {{m + "down_proj"}}, {H}, I);
         continue;
       }
       const std::int64_t E = cfg_.num_experts, I = cfg_.moe_intermediate_size;
-      {
-        const io::TensorInfo& t = r.tensor(p + ".mlp.gate.weight", {E, H});
-        L.router.resize(static_cast<std::size_t>(E * H));
-        up.template operator()<T>(t, 0, static_cast<std::size_t>(E * H), L.router.get());
-      }
-      L.gate_up.resize(static_cast<std::size_t>(E * 2 * I * H));
-      L.down.resize(static_cast<std::size_t>(E * H * I));
+      load_linear(L.router, {{p + ".mlp.gate"}}, {E}, H);
       const std::string fused_gu = p + ".mlp.experts.gate_up_proj", fused_down = p + ".mlp.experts.down_proj";
-      if (r.has(fused_gu) && !r.has(p + ".mlp.experts.0.gate_proj.weight")) {
+      if (r.has(fused_gu) && !r.has(p + ".mlp.experts.0.gate_proj.weight") && !r.has(p + ".mlp.experts.0.gate_proj.qweight")) {
+        L.gate_up.set_shape(static_cast<int>(E), static_cast<int>(2 * I), static_cast<int>(H));
+        L.down.set_shape(static_cast<int>(E), static_cast<int>(H), static_cast<int>(I));
+        L.gate_up.dense().resize(static_cast<std::size_t>(E * 2 * I * H));
+        L.down.dense().resize(static_cast<std::size_t>(E * H * I));
         const io::TensorInfo& gu = r.tensor(fused_gu, {E, 2 * I, H});
-        up.template operator()<T>(gu, 0, static_cast<std::size_t>(E * 2 * I * H), L.gate_up.get());
+        up.template operator()<T>(gu, 0, static_cast<std::size_t>(E * 2 * I * H), L.gate_up.dense().get());
         const io::TensorInfo& dn = r.tensor(fused_down, {E, H, I});
-        up.template operator()<T>(dn, 0, static_cast<std::size_t>(E * H * I), L.down.get());
+        up.template operator()<T>(dn, 0, static_cast<std::size_t>(E * H * I), L.down.dense().get());
       } else {
+        std::vector<std::vector<std::string>> gu(static_cast<std::size_t>(E)), dn(static_cast<std::size_t>(E));
         for (std::int64_t e = 0; e < E; ++e) {
           const std::string x = p + ".mlp.experts." + std::to_string(e);
-          linear_into(L.gate_up.get() + e * 2 * I * H, x + ".gate_proj", I, H);
-          linear_into(L.gate_up.get() + e * 2 * I * H + I * H, x + ".up_proj", I, H);
-          linear_into(L.down.get() + e * H * I, x + ".down_proj", H, I);
+          gu[static_cast<std::size_t>(e)] = {x + ".gate_proj", x + ".up_proj"};
+          dn[static_cast<std::size_t>(e)] = {x + ".down_proj"};
         }
+        load_linear(L.gate_up, gu, {I, I}, H);
+        load_linear(L.down, dn, {H}, I);
       }
     }
     r.check_all_used(ignorable);
+    wscratch_.resize(scratch + 1);
     FPF_CUDA(cudaDeviceSynchronize());
   }
 
@@ -506,6 +560,7 @@ class Impl {
   DeviceBuffer<float> route_wts_, stage_, top_lp_, attn_scratch_, eager_s_;
   DeviceBuffer<T> eager_p_;
   DeviceBuffer<T> x_, h_, tmp_, qkv_, att_, gu_, act_, ye_, xg_, rlogits_, hc_, logits_;
+  DeviceBuffer<T> wscratch_;  // a packed matrix dequantized for the prefill product
 };
 
 }  // namespace detail
@@ -513,15 +568,15 @@ class Impl {
 template <class S>
 class Backend::Model {
   using Attention = typename S::attention;
-  static_assert(std::is_same_v<typename S::quant, quant::Dense>, "the CUDA backend reads dense weights only so far");
 
  public:
   Model(const io::Checkpoint& ckpt, const io::ModelConfig& cfg, const EngineOptions& opts) : cfg_(cfg) {
     device_ = require_device();
+    const detail::QuantFns qf = detail::quant_fns<typename S::quant>();
     switch (opts.precision) {
-      case Precision::fp32: impl_ = std::make_unique<detail::Impl<Attention, float>>(ckpt, cfg); break;
-      case Precision::bf16: impl_ = std::make_unique<detail::Impl<Attention, bf16>>(ckpt, cfg); break;
-      case Precision::fp16: impl_ = std::make_unique<detail::Impl<Attention, fp16>>(ckpt, cfg); break;
+      case Precision::fp32: impl_ = std::make_unique<detail::Impl<Attention, float>>(ckpt, cfg, qf); break;
+      case Precision::bf16: impl_ = std::make_unique<detail::Impl<Attention, bf16>>(ckpt, cfg, qf); break;
+      case Precision::fp16: impl_ = std::make_unique<detail::Impl<Attention, fp16>>(ckpt, cfg, qf); break;
     }
   }
 

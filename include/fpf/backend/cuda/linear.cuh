@@ -1,0 +1,135 @@
+#pragma once
+// cuda::Linear<T>: E matrices [N, K] with one input (a Linear, fused q/k/v or gate/up rows, or a layer's experts),
+// stored dense as T or 4-bit packed (q::Weight), behind three products:
+//   apply   Y[M, N] = X W^T                (E == 1): dense -> Gemm::linear; packed -> fused dequant GEMV for M <= 8,
+//                                           else dequantize to T into a scratch matrix and the same Gemm::linear
+//   moe_gemv  per slot p: Y[p] = W_{ids[p]} X[p / x_div]   (decode MoE, expert ids read on the device)
+//   expert  Y[M, N] = X W_e^T              (prefill MoE, one expert's grouped rows)
+// Packed rows may be split into parts along N (modules whose packing differs, e.g. act-order q/k/v with different
+// permutations); each part writes its own columns of Y.
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <fpf/backend/cuda/common.cuh>
+#include <fpf/backend/cuda/gemm.cuh>
+#include <fpf/backend/cuda/ops.cuh>
+#include <fpf/backend/cuda/qlinear.cuh>
+#include <fpf/quant/packed.hpp>
+
+namespace fpf::cuda {
+
+template <class T>
+class Linear {
+ public:
+  struct Part {
+    q::Weight w;
+    int row0 = 0;
+  };
+
+  void set_shape(int E, int N, int K) { E_ = E, N_ = N, K_ = K; }
+  DeviceBuffer<T>& dense() { return dense_; }
+  const T* dense_matrix(int e) const { return dense_.get() + static_cast<std::size_t>(e) * N_ * K_; }
+  void add_part(q::Weight&& w, int row0) { parts_.push_back(Part{std::move(w), row0}); }
+
+  bool quantized() const { return !parts_.empty(); }
+  int N() const { return N_; }
+  int K() const { return K_; }
+  // Device bytes one matrix occupies (what a product over all of its rows reads).
+  std::size_t bytes_per_matrix() const {
+    if (!quantized()) return static_cast<std::size_t>(N_) * K_ * sizeof(T);
+    std::size_t b = 0;
+    for (const Part& p : parts_) b += p.w.bytes_per_matrix();
+    return b;
+  }
+  // T elements the prefill path's dequantized matrix needs.
+  std::size_t scratch_elems() const { return quantized() ? static_cast<std::size_t>(N_) * K_ : 0; }
+
+  void apply(Gemm& g, const T* X, int M, T* Y, T* scratch, cudaStream_t s = 0) const {
+    if (!quantized()) return g.linear<T>(X, M, dense_.get(), N_, K_, Y, s);
+    if (M <= ops::kGemvMaxRows) {
+      for (const Part& p : parts_) p.w.template gemv<T>(X, M, K_, Y + p.row0, N_, s);
+      return;
+    }
+    expert(g, 0, X, M, Y, scratch, s);
+  }
+
+  void moe_gemv(const T* X, int x_div, const std::int32_t* ids, int slots, T* Y, cudaStream_t s = 0) const {
+    if (!quantized()) return ops::moe_gemv<T>(X, x_div, dense_.get(), ids, slots, N_, K_, Y, s);
+    for (const Part& p : parts_) p.w.template moe_gemv<T>(X, K_, x_div, ids, slots, Y + p.row0, N_, s);
+  }
+
+  void expert(Gemm& g, int e, const T* X, int M, T* Y, T* scratch, cudaStream_t s = 0) const {
+    if (M == 0) return;
+    if (!quantized()) return g.linear<T>(X, M, dense_matrix(e), N_, K_, Y, s);
+    for (const Part& p : parts_) p.w.template dequantize<T>(e, scratch + static_cast<std::size_t>(p.row0) * K_, K_, s);
+    g.linear<T>(X, M, scratch, N_, K_, Y, s);
+  }
+
+ private:
+  int E_ = 0, N_ = 0, K_ = 0;
+  DeviceBuffer<T> dense_;
+  std::vector<Part> parts_;
+};
+
+// Runs the packers (pure repacking work) on worker threads; results in input order, so nothing depends on the
+// thread count. The first exception is rethrown.
+inline std::vector<quant::Packed4> run_packers(const std::vector<quant::Packer>& packers) {
+  std::vector<quant::Packed4> out(packers.size());
+  std::atomic<std::size_t> next{0};
+  std::exception_ptr error;
+  std::mutex mu;
+  const unsigned threads = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), static_cast<unsigned>(packers.size())));
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&] {
+      for (std::size_t i; (i = next++) < packers.size();) {
+        try {
+          out[i] = packers[i]();
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (!error) error = std::current_exception();
+        }
+      }
+    });
+  for (std::thread& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+  return out;
+}
+
+// Packed modules sharing an input, E matrices each: parts[j][e] is module j of matrix e (e.g. j = gate, up).
+// Concatenates the modules' rows when every matrix allows it, else uploads one part per module.
+template <class T>
+void upload_packed(Linear<T>& lin, const std::vector<std::vector<quant::Packed4>>& parts) {
+  const std::size_t E = parts.front().size();
+  bool concat = parts.size() > 1;
+  for (std::size_t e = 0; e < E && concat; ++e) {
+    std::vector<const quant::Packed4*> row;
+    for (const auto& p : parts) row.push_back(&p[e]);
+    concat = quant::can_concat(row);
+  }
+  if (concat) {
+    std::vector<quant::Packed4> mats;
+    for (std::size_t e = 0; e < E; ++e) {
+      std::vector<const quant::Packed4*> row;
+      for (const auto& p : parts) row.push_back(&p[e]);
+      mats.push_back(quant::concat_rows(row));
+    }
+    q::Weight w;
+    w.upload(mats);
+    lin.add_part(std::move(w), 0);
+    return;
+  }
+  int row0 = 0;
+  for (const auto& p : parts) {
+    q::Weight w;
+    w.upload(p);
+    lin.add_part(std::move(w), row0);
+    row0 += static_cast<int>(p.front().N);
+  }
+}
+
+}  // namespace fpf::cuda

@@ -1,0 +1,215 @@
+// The 4-bit kernels (backend/cuda/qlinear.cuh) and the quantized CUDA engine.
+//  - ops: random packed weights of every kind (Affine with and without act-order permutation, NF4 rounded to bf16,
+//    fp16 or not at all), wide and narrow paths, 1..8 rows and MoE slots, against a CPU product in double on the
+//    CPU-dequantized weights (quant::dequantize) rounded to T: fp32 within 1e-5, bf16/fp16 within the unit roundoff
+//    of T; the prefill dequantize kernel bit-identical to quant::dequantize rounded to T.
+//  - engine: each quantized fixture in fp32 mode against Hugging Face fp32 on the dequantized weights
+//    (reference.json, within 1e-4, tokens and top-10 ids identical) and against the CPU engine of the same policy;
+//    repetitions bit-identical; bf16 runs with tokens equal to the CPU's at the first step.
+#include <doctest/doctest.h>
+
+#include <random>
+
+#include <fpf/backend/cuda/backend.cuh>
+#include <fpf/backend/cuda/qlinear.cuh>
+#include <fpf/fpf.hpp>
+#include <fpf/quant/awq.hpp>
+#include <fpf/quant/gptq.hpp>
+#include <fpf/quant/nf4.hpp>
+
+#include "../reference_signals.hpp"
+#include "cuda_test_util.cuh"
+
+using namespace fpf;
+using namespace fpf::cuda::testing;
+
+namespace {
+
+struct Kind {
+  const char* name;
+  quant::Packed4::Code code;
+  DType nf4_dtype;
+  bool perm;
+};
+
+quant::Packed4 random_packed(const Kind& kind, int N, int K, int G, std::uint32_t seed) {
+  std::mt19937 g(seed);
+  quant::Packed4 p;
+  p.code = kind.code;
+  p.nf4_dtype = kind.nf4_dtype;
+  p.N = N, p.K = K, p.G = G;
+  p.words.resize(static_cast<std::size_t>(N) * K / 8);
+  for (auto& w : p.words) w = static_cast<std::uint32_t>(g());
+  p.scales.resize(static_cast<std::size_t>(p.scale_count()));
+  std::normal_distribution<float> sd(0.0f, 0.05f);
+  for (auto& s : p.scales) s = sd(g);  // negative scales too
+  if (kind.code == quant::Packed4::Code::Affine) {
+    p.zeros.resize(p.scales.size());
+    for (auto& z : p.zeros) z = static_cast<std::uint8_t>(g() % 17);  // 16: GPTQ v1's stored 0xF
+  }
+  if (kind.perm) {
+    p.perm.resize(static_cast<std::size_t>(K));
+    for (int k = 0; k < K; ++k) p.perm[static_cast<std::size_t>(k)] = k;
+    std::shuffle(p.perm.begin(), p.perm.end(), g);
+  }
+  return p;
+}
+
+template <class T>
+void check_kind(const Kind& kind, int N, int K, int G, std::uint32_t seed) {
+  CAPTURE(kind.name);
+  CAPTURE(N);
+  CAPTURE(K);
+  CAPTURE(G);
+  constexpr int E = 3;
+  std::vector<quant::Packed4> mats;
+  std::vector<std::vector<float>> w;  // per matrix [N, K], the values T holds
+  for (int e = 0; e < E; ++e) {
+    mats.push_back(random_packed(kind, N, K, G, seed + static_cast<std::uint32_t>(e)));
+    w.push_back(quant::dequantize(mats.back()));
+    round_to<T>(w.back());
+  }
+  cuda::q::Weight dw;
+  dw.upload(mats);
+
+  // Prefill dequantization: bit-identical to the CPU's values.
+  for (int e = 0; e < E; ++e) {
+    cuda::DeviceBuffer<T> out(static_cast<std::size_t>(N) * K);
+    dw.dequantize<T>(e, out.get(), K);
+    const std::vector<float> got = to_host(out, static_cast<std::size_t>(N) * K);
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(w[static_cast<std::size_t>(e)][i]);
+    CHECK(differ == 0);
+  }
+
+  // Decode GEMV, 1..8 rows, matrix 0.
+  for (int M : {1, 2, 3, 5, 8}) {
+    CAPTURE(M);
+    std::vector<float> x = randn(static_cast<std::size_t>(M) * K, seed + 100 + static_cast<std::uint32_t>(M));
+    const auto xd = to_device(round_to<T>(x));
+    cuda::DeviceBuffer<T> y(static_cast<std::size_t>(M) * N);
+    dw.gemv<T>(xd.get(), M, K, y.get(), N);
+    const std::vector<float> got = to_host(y, static_cast<std::size_t>(M) * N);
+    std::vector<float> want(static_cast<std::size_t>(M) * N);
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        double acc = 0;
+        for (int k = 0; k < K; ++k) acc += static_cast<double>(x[static_cast<std::size_t>(m) * K + k]) * w[0][static_cast<std::size_t>(n) * K + k];
+        want[static_cast<std::size_t>(m) * N + n] = static_cast<float>(acc);
+      }
+    CHECK(rel_l2(got, want) <= tolerance<T>());
+  }
+
+  // MoE slots: 4 slots over 2 rows (x_div 2), experts 2, 0, 1, 2.
+  {
+    const std::vector<std::int32_t> ids{2, 0, 1, 2};
+    std::vector<float> x = randn(static_cast<std::size_t>(2) * K, seed + 200);
+    const auto xd = to_device(round_to<T>(x));
+    const auto idd = to_device(ids);
+    cuda::DeviceBuffer<T> y(static_cast<std::size_t>(4) * N);
+    dw.moe_gemv<T>(xd.get(), K, 2, idd.get(), 4, y.get(), N);
+    const std::vector<float> got = to_host(y, static_cast<std::size_t>(4) * N);
+    std::vector<float> want(static_cast<std::size_t>(4) * N);
+    for (int p = 0; p < 4; ++p)
+      for (int n = 0; n < N; ++n) {
+        double acc = 0;
+        for (int k = 0; k < K; ++k)
+          acc += static_cast<double>(x[static_cast<std::size_t>(p / 2) * K + k]) * w[static_cast<std::size_t>(ids[static_cast<std::size_t>(p)])][static_cast<std::size_t>(n) * K + k];
+        want[static_cast<std::size_t>(p) * N + n] = static_cast<float>(acc);
+      }
+    CHECK(rel_l2(got, want) <= tolerance<T>());
+  }
+}
+
+template <class T>
+void all_kinds() {
+  const Kind kinds[] = {{"affine", quant::Packed4::Code::Affine, DType::F32, false},
+                        {"affine act-order", quant::Packed4::Code::Affine, DType::F32, true},
+                        {"nf4 bf16", quant::Packed4::Code::Nf4, DType::BF16, false},
+                        {"nf4 fp16", quant::Packed4::Code::Nf4, DType::F16, false},
+                        {"nf4 fp32", quant::Packed4::Code::Nf4, DType::F32, false}};
+  std::uint32_t seed = 7;
+  for (const Kind& k : kinds) {
+    if (k.perm) {
+      check_kind<T>(k, 40, 96, 32, seed += 10);
+      check_kind<T>(k, 24, 48, 8, seed += 10);
+      continue;
+    }
+    check_kind<T>(k, 72, 256, 128, seed += 10);  // wide path
+    check_kind<T>(k, 40, 96, 32, seed += 10);    // wide, 3 chunks per row
+    check_kind<T>(k, 24, 48, 8, seed += 10);     // narrow (groups of 8)
+    check_kind<T>(k, 16, 24, 24, seed += 10);    // narrow, one group per row
+  }
+}
+
+bool bit_identical(const taps::SequenceSignals& a, const taps::SequenceSignals& b) {
+  if (a.steps.size() != b.steps.size()) return false;
+  for (std::size_t s = 0; s < a.steps.size(); ++s) {
+    const auto& x = a.steps[s];
+    const auto& y = b.steps[s];
+    if (x.token_id != y.token_id || x.hidden_states != y.hidden_states || x.key_vectors != y.key_vectors ||
+        x.logprobs != y.logprobs)
+      return false;
+  }
+  return true;
+}
+
+// Max rel L2 of every tapped signal; tokens must agree.
+double worst_rel_l2(const taps::SequenceSignals& got, const taps::SequenceSignals& ref) {
+  double worst = 0;
+  REQUIRE(got.steps.size() == ref.steps.size());
+  for (std::size_t s = 0; s < got.steps.size(); ++s) {
+    const auto& g = got.steps[s];
+    const auto& r = ref.steps[s];
+    CAPTURE(s);
+    REQUIRE(g.token_id == r.token_id);
+    for (const auto& [layer, by_pos] : r.hidden_states)
+      for (const auto& [pos, values] : by_pos) {
+        worst = std::max(worst, fpf::testing::rel_l2(g.hidden_states.at(layer).at(pos), values));
+        worst = std::max(worst, fpf::testing::rel_l2(g.key_vectors.at(layer).at(pos), r.key_vectors.at(layer).at(pos)));
+      }
+    for (const auto& [pos, topk] : r.logprobs) {
+      CHECK(g.logprobs.at(pos).token_ids == topk.token_ids);
+      worst = std::max(worst, fpf::testing::rel_l2(g.logprobs.at(pos).log_probs, topk.log_probs));
+    }
+  }
+  return worst;
+}
+
+template <class Quant, class Attention>
+void quant_fixture(const std::string& name) {
+  CAPTURE(name);
+  const fpf::testing::Reference ref = fpf::testing::load_reference("../quant/" + name);
+  const auto dir = std::filesystem::path(FPF_SOURCE_DIR) / "tests/fixtures/quant" / name;
+  Engine<Setup<Quant, Attention, par::Single, cuda::Backend>> gpu(dir, EngineOptions{Precision::fp32});
+  const auto a = gpu.generate({ref.signals.prompt_ids}, ref.steps, ref.spec).at(0);
+  const double vs_hf = worst_rel_l2(a, ref.signals);
+  CHECK(vs_hf <= 1e-4);
+  Engine<Setup<Quant, Attention, par::Single, cpu::Backend>> cpu_engine(dir);
+  const auto c = cpu_engine.generate({ref.signals.prompt_ids}, ref.steps, ref.spec).at(0);
+  const double vs_cpu = worst_rel_l2(a, c);
+  CHECK(vs_cpu <= 1e-5);
+  for (int rep = 0; rep < 2; ++rep) CHECK(bit_identical(a, gpu.generate({ref.signals.prompt_ids}, ref.steps, ref.spec).at(0)));
+  // bf16: runs, reps bit-identical, first token as the CPU's.
+  Engine<Setup<Quant, Attention, par::Single, cuda::Backend>> gpu16(dir, EngineOptions{Precision::bf16});
+  const auto b = gpu16.generate({ref.signals.prompt_ids}, ref.steps, ref.spec).at(0);
+  CHECK(b.steps.at(0).token_id == c.steps.at(0).token_id);
+  CHECK(bit_identical(b, gpu16.generate({ref.signals.prompt_ids}, ref.steps, ref.spec).at(0)));
+  MESSAGE(name << " cuda fp32 " << Attention::name << " (prompt " << ref.signals.prompt_ids.size()
+               << " tokens): max rel L2 vs HF " << vs_hf << ", vs CPU " << vs_cpu);
+}
+
+}  // namespace
+
+TEST_CASE("cuda quant ops fp32 match the CPU dequantization within 1e-5") { all_kinds<float>(); }
+TEST_CASE("cuda quant ops bf16 match within the bf16 unit roundoff") { all_kinds<cuda::bf16>(); }
+TEST_CASE("cuda quant ops fp16 match within the fp16 unit roundoff") { all_kinds<cuda::fp16>(); }
+
+TEST_CASE("cuda quant engine: every quantized fixture matches HF and the CPU; reps bit-identical") {
+  quant_fixture<quant::Awq<4>, attn::Eager>("awq_moe_sparse_step");
+  quant_fixture<quant::Awq<4>, attn::Flash<>>("awq_moe_sparse_step");
+  quant_fixture<quant::Gptq<4>, attn::Eager>("gptq_actorder_moe_sparse_step");
+  quant_fixture<quant::Gptq<4>, attn::Flash<>>("gptq_v2_moe_no_norm");
+  quant_fixture<quant::Nf4, attn::Eager>("nf4_moe_bf16_sharded");
+  quant_fixture<quant::Nf4, attn::Flash<>>("nf4_moe_bf16_sharded");
+}
