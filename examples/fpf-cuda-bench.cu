@@ -210,7 +210,7 @@ int main(int argc, char** argv) {
     const double bw = copy_bandwidth_gbs();
     const std::size_t elem = precision == fpf::Precision::fp32 ? 4 : 2;
     const double bytes = decode_bytes(ckpt, cfg, elem, prompt_tokens + steps / 2);
-    const std::string scheme = fpf::quant::policy_name(fpf::quant::load_quant_config(model_dir));
+    const std::string scheme(fpf::quant::policy_name(fpf::quant::load_quant_config(model_dir)));
     std::printf("HBM copy bandwidth %.0f GB/s (read + write, 2 GiB device-to-device, median of 10); %s decode bytes/token at "
                 "batch 1 %.3f GB -> roofline %.3f ms/token\n",
                 bw, scheme.c_str(), bytes / 1e9, bytes / 1e9 / bw * 1e3);

@@ -193,6 +193,70 @@ void test_attention(int nh, int nkv, int D, std::uint32_t seed, bool split = fal
   CHECK(e <= tolerance<T>());
 }
 
+// The flash prefill entry (run_prefill: tensor cores for bf16/fp16 at head_dim 64/128, else the SIMT kernel): two
+// sequences, the second continuing a cached prefix of 250 keys; unused cache slots hold NaN. bf16/fp16 round the
+// tile's probabilities to T before the P V product, one rounding more than the SIMT kernel: bound 2u.
+template <class T>
+void test_flash_prefill(int nh, int nkv, int D, std::uint32_t seed) {
+  const int kv_dim = nkv * D, q_dim = nh * D, cap = 512;
+  const int n0 = 37, p1 = 250, n1 = 50;
+  std::vector<std::int32_t> seq, pos;
+  for (int t = 0; t < n0; ++t) seq.push_back(0), pos.push_back(t);
+  for (int t = 0; t < n1; ++t) seq.push_back(1), pos.push_back(p1 + t);
+  const int rows = n0 + n1;
+  const std::vector<int> len{n0, p1 + n1};
+  std::vector<float> q = randn(static_cast<std::size_t>(rows) * q_dim, seed, 1.0f);
+  std::vector<std::vector<float>> kh(2), vh(2);
+  std::vector<DeviceBuffer<T>> kd, vd;
+  for (int s = 0; s < 2; ++s) {
+    kh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 10 + s, 1.0f);
+    vh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 20 + s, 1.0f);
+    const auto kt = round_to<T>(kh[s]);
+    const auto vt = round_to<T>(vh[s]);
+    kd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
+    vd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
+    poison(kd.back());
+    poison(vd.back());
+    kd.back().upload(kt.data(), kt.size());
+    vd.back().upload(vt.data(), vt.size());
+  }
+  const auto qt = round_to<T>(q);
+  auto dq = to_device(qt);
+  auto dseq = to_device(seq);
+  auto dpos = to_device(pos);
+  auto kt = to_device(std::vector<T*>{kd[0].get(), kd[1].get()});
+  auto vt = to_device(std::vector<T*>{vd[0].get(), vd[1].get()});
+  DeviceBuffer<T> out(static_cast<std::size_t>(rows) * q_dim);
+  poison(out);
+  attn::CudaArgs<T> a;
+  a.q = dq.get();
+  a.q_stride = q_dim;
+  a.kcache = kt.get();
+  a.vcache = vt.get();
+  a.row_seq = dseq.get();
+  a.row_pos = dpos.get();
+  a.rows = rows;
+  a.num_heads = nh;
+  a.num_kv_heads = nkv;
+  a.head_dim = D;
+  a.max_keys = p1 + n1;
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  a.out = out.get();
+  const std::vector<attn::FlashSeq> segs{{0, n0}, {n0, n1}};
+  attn::Cuda<attn::Flash<16>>::run_prefill<T>(a, segs);
+  const auto got = to_host(out, out.size());
+  const auto bits = raw(out, out.size());
+  attn::Cuda<attn::Flash<16>>::run_prefill<T>(a, segs);
+  CHECK(same_bits(bits, raw(out, out.size())));
+  std::vector<float> ref(out.size());
+  for (int r = 0; r < rows; ++r)
+    attn::Flash<16>::cpu(attn::CpuArgs{q.data() + static_cast<std::size_t>(r) * q_dim, kh[seq[r]].data(), vh[seq[r]].data(), pos[r] + 1,
+                                       nh, nkv, D, a.scale, ref.data() + static_cast<std::size_t>(r) * q_dim});
+  const double e = rel_l2(got, ref);
+  MESSAGE("attention flash prefill " << dtype_name(dtype_of<T>()) << " nh " << nh << " nkv " << nkv << " D " << D << ": rel L2 " << e);
+  CHECK(e <= 2 * tolerance<T>());
+}
+
 // The eager prefill path (materialized scores via cuBLASLt): two sequences, one continuing a cached prefix.
 template <class T>
 void test_eager_gemm(int nh, int nkv, int D, std::uint32_t seed) {
@@ -389,6 +453,9 @@ void all_ops(std::uint32_t seed) {
   test_attention<attn::Flash<4>, T>(4, 1, 16, seed + 46, true);
   test_attention<attn::Flash<12>, T>(4, 2, 64, seed + 47, true);
   test_attention<attn::Eager, T>(4, 4, 8, seed + 48, true);
+  test_flash_prefill<T>(32, 4, 128, seed + 52);
+  test_flash_prefill<T>(8, 2, 64, seed + 53);
+  test_flash_prefill<T>(4, 2, 16, seed + 54);
   test_eager_gemm<T>(8, 2, 128, seed + 49);
   test_eager_gemm<T>(4, 2, 16, seed + 51);
   test_swiglu<T>(seed + 50);

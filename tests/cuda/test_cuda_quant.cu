@@ -1,8 +1,8 @@
 // The 4-bit kernels (backend/cuda/qlinear.cuh) and the quantized CUDA engine.
 //  - ops: random packed weights of every kind (Affine with and without act-order permutation, NF4 rounded to bf16,
 //    fp16 or not at all), wide and narrow paths, 1..8 rows and MoE slots, against a CPU product in double on the
-//    CPU-dequantized weights (quant::dequantize) rounded to T: fp32 within 1e-5, bf16/fp16 within the unit roundoff
-//    of T; the prefill dequantize kernel bit-identical to quant::dequantize rounded to T.
+//    CPU-dequantized fp32 weights (quant::dequantize): fp32 within 1e-5, bf16/fp16 within the unit roundoff of T (the
+//    output's rounding); the prefill dequantize kernel bit-identical to quant::dequantize rounded to T.
 //  - engine: each quantized fixture in fp32 mode against Hugging Face fp32 on the dequantized weights
 //    (reference.json, within 1e-4, tokens and top-10 ids identical) and against the CPU engine of the same policy;
 //    repetitions bit-identical; bf16 runs with tokens equal to the CPU's at the first step.
@@ -63,22 +63,24 @@ void check_kind(const Kind& kind, int N, int K, int G, std::uint32_t seed) {
   CAPTURE(G);
   constexpr int E = 3;
   std::vector<quant::Packed4> mats;
-  std::vector<std::vector<float>> w;  // per matrix [N, K], the values T holds
+  std::vector<std::vector<float>> w, wt;  // per matrix [N, K]: the fp32 weights, and rounded to T
   for (int e = 0; e < E; ++e) {
     mats.push_back(random_packed(kind, N, K, G, seed + static_cast<std::uint32_t>(e)));
     w.push_back(quant::dequantize(mats.back()));
-    round_to<T>(w.back());
+    wt.push_back(w.back());
+    round_to<T>(wt.back());
   }
   cuda::q::Weight dw;
-  dw.upload(mats);
+  cuda::PinnedUploader up;
+  dw.upload(mats, up);
 
-  // Prefill dequantization: bit-identical to the CPU's values.
+  // Prefill dequantization: bit-identical to the CPU's values rounded to T.
   for (int e = 0; e < E; ++e) {
     cuda::DeviceBuffer<T> out(static_cast<std::size_t>(N) * K);
     dw.dequantize<T>(e, out.get(), K);
     const std::vector<float> got = to_host(out, static_cast<std::size_t>(N) * K);
     std::size_t differ = 0;
-    for (std::size_t i = 0; i < got.size(); ++i) differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(w[static_cast<std::size_t>(e)][i]);
+    for (std::size_t i = 0; i < got.size(); ++i) differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(wt[static_cast<std::size_t>(e)][i]);
     CHECK(differ == 0);
   }
 

@@ -121,6 +121,7 @@ __global__ void k_eager_reduce(CudaArgs<T> a) {
   const std::size_t rh = static_cast<std::size_t>(r) * a.num_heads + h;
   const float* part = a.scratch + static_cast<std::size_t>(a.rows) * a.num_heads * a.max_keys + rh * split_chunks(a.max_keys) * D;
   float acc = 0.0f;
+#pragma unroll 8
   for (int c = 0; c < chunks; ++c) acc += part[static_cast<std::size_t>(c) * D + d];
   a.out[rh * D + d] = cuda::from_f<T>(acc);
 }

@@ -7,10 +7,20 @@
 // the tile's sum uses one fixed butterfly order and keys are accumulated in index order.
 // Decode (few rows): each row's keys are split into chunks of whole tiles over blocks (flash-decoding); each chunk
 // keeps its own (m, l, unnormalized output) and k_flash_combine merges the chunks in chunk order.
+#include <mma.h>
+
+#include <type_traits>
+#include <vector>
+
 #include <fpf/attention/attention.hpp>
 #include <fpf/attention/cuda_args.cuh>
 
 namespace fpf::attn {
+
+// One sequence's rows of a prefill batch: rows [first_row, first_row + rows) of the CudaArgs, all of one sequence.
+struct FlashSeq {
+  int first_row = 0, rows = 0;
+};
 
 namespace detail {
 
@@ -119,12 +129,142 @@ __global__ void k_flash_combine(CudaArgs<T> a, int chunks) {
   }
   __syncthreads();
   l = cuda::block_sum(l, red);
+  // A chunk past the row's keys holds acc = 0 and weight 0: no branch, so the loads of consecutive chunks overlap.
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.0f;
-    for (int c = 0; c < chunks; ++c)
-      if (wts[c] > 0.0f) acc += part[static_cast<std::size_t>(c) * (D + 2) + d] * wts[c];
+#pragma unroll 8
+    for (int c = 0; c < chunks; ++c) acc += part[static_cast<std::size_t>(c) * (D + 2) + d] * wts[c];
     a.out[rh * D + d] = cuda::from_f<T>(acc / l);
   }
+}
+
+// Prefill on tensor cores (bf16/fp16 only): the same tiles of Bc = 16 keys and the same online softmax, with the
+// two products on WMMA 16x16x16 fragments: S = Q K^T (T operands, fp32 accumulation), then P V with P, the tile's
+// probabilities exp(s - m_new), rounded to T (what FlashAttention feeds its second product) and fp32 accumulation.
+// One block per (16 query rows of one sequence, KV head): warp w owns query head kvh * G + w, all warps share each
+// K/V tile in shared memory. The running output O (16 x D, fp32) lives in shared memory, so each row can be
+// rescaled by exp(m_old - m_new) before the tile's P V is added.
+template <class T, int D>
+__global__ void k_flash_tc(CudaArgs<T> a, int first_row, int nrows) {
+  namespace wm = nvcuda::wmma;
+  constexpr int kT = 16, DC = D / 16;  // tile rows/keys; 16-wide chunks of the head dimension
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int G = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31, kvh = blockIdx.y, h = kvh * G + w;
+  const int row0 = first_row + blockIdx.x * kT, rows = min(kT, nrows - blockIdx.x * kT);
+  T* Ks = reinterpret_cast<T*>(smem_raw);                  // [16, D]
+  T* Vs = Ks + kT * D;                                     // [16, D]
+  T* Qs = Vs + kT * D;                                     // per warp [16, D]
+  float* Ss = reinterpret_cast<float*>(Qs + G * kT * D);   // per warp [16, 16]
+  T* Ps = reinterpret_cast<T*>(Ss + G * kT * kT);          // per warp [16, 16]
+  float* Os = reinterpret_cast<float*>(Ps + G * kT * kT);  // per warp [16, D]
+  float* Ts = Os + G * kT * D;                             // per warp [16, 16] (one chunk of P V)
+  float* Cs = Ts + G * kT * kT;                            // per warp [16]: the rows' corr, then 1 / l
+  T* q_w = Qs + w * kT * D;
+  float* s_w = Ss + w * kT * kT;
+  T* p_w = Ps + w * kT * kT;
+  float* o_w = Os + w * kT * D;
+  float* t_w = Ts + w * kT * kT;
+  float* c_w = Cs + w * kT;
+  const int kv_stride = a.num_kv_heads * D, seq = a.row_seq[row0];
+  const T* K = a.kcache[seq] + kvh * D;
+  const T* V = a.vcache[seq] + kvh * D;
+  // Q rows (zeros past the segment), O = 0; lanes 0..15 keep row state (m, l, visible keys).
+  for (int i = lane; i < kT * D / 8; i += 32) {
+    const int r = i / (D / 8), c = i % (D / 8);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < rows) v = *reinterpret_cast<const uint4*>(a.q + static_cast<std::size_t>(row0 + r) * a.q_stride + h * D + 8 * c);
+    *reinterpret_cast<uint4*>(q_w + r * D + 8 * c) = v;
+  }
+  for (int i = lane; i < kT * D; i += 32) o_w[i] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  const int n_row = lane < rows ? a.row_pos[row0 + lane] + 1 : 0;  // keys row `lane` sees
+  int n_max = 0;
+  for (int r = 0; r < rows; ++r) n_max = max(n_max, a.row_pos[row0 + r] + 1);
+  wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::row_major> qf[DC];
+  __syncwarp();
+#pragma unroll
+  for (int c = 0; c < DC; ++c) wm::load_matrix_sync(qf[c], q_w + 16 * c, D);
+  for (int j0 = 0; j0 < n_max; j0 += kT) {
+    const int nb = min(kT, n_max - j0);
+    __syncthreads();  // the previous tile is consumed
+    for (int i = threadIdx.x; i < kT * D / 8; i += blockDim.x) {
+      const int r = i / (D / 8), c = i % (D / 8);
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (r < nb) {
+        const std::size_t src = static_cast<std::size_t>(j0 + r) * kv_stride + 8 * c;
+        kv = *reinterpret_cast<const uint4*>(K + src);
+        vv = *reinterpret_cast<const uint4*>(V + src);
+      }
+      *reinterpret_cast<uint4*>(Ks + r * D + 8 * c) = kv;
+      *reinterpret_cast<uint4*>(Vs + r * D + 8 * c) = vv;
+    }
+    __syncthreads();
+    // S = Q K^T: K tile [16 keys, D] row-major is K^T column-major.
+    wm::fragment<wm::accumulator, 16, 16, 16, float> sf;
+    wm::fill_fragment(sf, 0.0f);
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+      wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::col_major> kf;
+      wm::load_matrix_sync(kf, Ks + 16 * c, D);
+      wm::mma_sync(sf, qf[c], kf, sf);
+    }
+    wm::store_matrix_sync(s_w, sf, kT, wm::mem_row_major);
+    __syncwarp();
+    // Online softmax, lane r < 16 for row r: m_new, corr = exp(m - m_new), p = exp(s - m_new) (0 past the row's keys).
+    float corr = 1.0f;
+    if (lane < kT) {
+      float mx = -INFINITY;
+      for (int j = 0; j < kT; ++j) {
+        const float sc = j0 + j < n_row ? s_w[lane * kT + j] * a.scale : -INFINITY;
+        s_w[lane * kT + j] = sc;
+        mx = fmaxf(mx, sc);
+      }
+      const float m_new = fmaxf(m, mx);
+      float psum = 0.0f;
+      for (int j = 0; j < kT; ++j) {
+        const float pj = m_new == -INFINITY ? 0.0f : expf(s_w[lane * kT + j] - m_new);
+        psum += pj;
+        p_w[lane * kT + j] = cuda::from_f<T>(pj);
+      }
+      corr = m_new == -INFINITY ? 1.0f : expf(m - m_new);
+      l = l * corr + psum;
+      m = m_new;
+      c_w[lane] = corr;
+    }
+    __syncwarp();
+    // O = O * corr (per row) + P V, one 16-column chunk at a time.
+    wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::row_major> pf;
+    wm::load_matrix_sync(pf, p_w, kT);
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+      wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::row_major> vf;
+      wm::load_matrix_sync(vf, Vs + 16 * c, D);
+      wm::fragment<wm::accumulator, 16, 16, 16, float> tf;
+      wm::fill_fragment(tf, 0.0f);
+      wm::mma_sync(tf, pf, vf, tf);
+      wm::store_matrix_sync(t_w, tf, kT, wm::mem_row_major);
+      __syncwarp();
+      for (int i = lane; i < kT * kT; i += 32) {
+        const int r = i / kT, cc = i % kT;
+        float& o = o_w[r * D + 16 * c + cc];
+        o = o * c_w[r] + t_w[i];
+      }
+      __syncwarp();
+    }
+  }
+  if (lane < kT) c_w[lane] = 1.0f / l;
+  __syncwarp();
+  for (int i = lane; i < rows * D; i += 32) {
+    const int r = i / D, d = i % D;
+    a.out[(static_cast<std::size_t>(row0 + r) * a.num_heads + h) * D + d] = cuda::from_f<T>(o_w[i] * c_w[r]);
+  }
+}
+
+// Shared memory of k_flash_tc for G query heads per KV head.
+template <class T>
+constexpr std::size_t flash_tc_smem(int G, int D) {
+  return static_cast<std::size_t>(2 * 16 * D + G * 16 * D + G * 256) * sizeof(T) +
+         static_cast<std::size_t>(G * 256 + G * 16 * D + G * 256 + G * 16) * sizeof(float);
 }
 
 template <class T, int Bc, bool Split>
@@ -166,6 +306,33 @@ struct Cuda<Flash<Bc>> {
     }
     detail::launch_flash<T, Bc, false>(a, dim3(a.rows, a.num_kv_heads), s);
     FPF_CUDA_LAUNCH("attention flash");
+  }
+
+  // Prefill of whole sequences (segs: each sequence's rows, consecutive in a): on tensor cores for bf16/fp16 with
+  // Bc = 16 and head_dim 64 or 128 (k_flash_tc), else run().
+  template <class T>
+  static void run_prefill(const CudaArgs<T>& a, const std::vector<FlashSeq>& segs, cudaStream_t s = 0) {
+    const int G = a.num_heads / a.num_kv_heads;
+    if constexpr (!std::is_same_v<T, float> && Bc == 16) {
+      if ((a.head_dim == 128 || a.head_dim == 64) && a.num_heads % a.num_kv_heads == 0 && G <= 16) {
+        auto go = [&]<int D>() {
+          const std::size_t smem = detail::flash_tc_smem<T>(G, D);
+          static std::size_t raised = 48 * 1024;
+          if (smem > raised) {
+            FPF_CUDA(cudaFuncSetAttribute(detail::k_flash_tc<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+            raised = smem;
+          }
+          for (const FlashSeq& sq : segs)
+            if (sq.rows > 0)
+              detail::k_flash_tc<T, D><<<dim3((sq.rows + 15) / 16, a.num_kv_heads), 32 * G, smem, s>>>(a, sq.first_row, sq.rows);
+        };
+        if (a.head_dim == 128) go.template operator()<128>();
+        else go.template operator()<64>();
+        FPF_CUDA_LAUNCH("attention flash (tensor cores)");
+        return;
+      }
+    }
+    run<T>(a, s);
   }
 };
 

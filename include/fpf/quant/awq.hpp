@@ -119,14 +119,18 @@ struct Awq {
       p.code = Packed4::Code::Affine;
       p.N = N, p.K = K, p.G = G;
       p.words.assign(static_cast<std::size_t>(N * W), 0u);
+      // An 8 x 8 nibble transpose per (input word w, packed column c): the 8 source words hold input channels
+      // 8w..8w+7 of columns 8c..8c+7; the 8 output words hold columns 8c+j, channels 8w..8w+7.
       for (std::int64_t w = 0; w < W; ++w)
-        for (std::int64_t c = 0; c < P; ++c)
+        for (std::int64_t c = 0; c < P; ++c) {
+          std::uint32_t out[8] = {};
           for (int i = 0; i < 8; ++i) {  // input channel 8w + i
             const std::uint32_t src = word(qw, (8 * w + i) * P + c);
             for (int j = 0; j < 8; ++j)
-              p.words[static_cast<std::size_t>((8 * c + j) * W + w)] |=
-                  static_cast<std::uint32_t>(awq_nibble(static_cast<std::int32_t>(src), j)) << (4 * i);
+              out[j] |= static_cast<std::uint32_t>(awq_nibble(static_cast<std::int32_t>(src), j)) << (4 * i);
           }
+          for (int j = 0; j < 8; ++j) p.words[static_cast<std::size_t>((8 * c + j) * W + w)] = out[j];
+        }
       const std::vector<float> sc = detail::read_f32(*s.scales);  // [ng, N]
       p.scales.resize(static_cast<std::size_t>(N * ng));
       p.zeros.resize(static_cast<std::size_t>(N * ng));

@@ -30,6 +30,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <variant>
 #include <vector>
@@ -72,6 +73,13 @@ inline std::string require_device() {
 
 namespace detail {
 
+// A blocking stream: work on it orders with the legacy default stream that cudaMemcpy uses (uploads and downloads).
+inline cudaStream_t make_stream() {
+  cudaStream_t s{};
+  FPF_CUDA(cudaStreamCreate(&s));
+  return s;
+}
+
 // FPF_CUDA_PROFILE=1: synchronizes after each stage of the forward and prints where the time went (one line per
 // forward to stderr). Off by default (no synchronisation, no output).
 class StageTimer {
@@ -90,6 +98,7 @@ class StageTimer {
     ms_[stage] += std::chrono::duration<double, std::milli>(now - t_).count();
     t_ = now;
   }
+  bool on() const { return on_; }
   void report(int rows) {
     if (!on_) return;
     std::fprintf(stderr, "[fpf cuda profile] rows %d: total %.2f ms:", rows,
@@ -112,7 +121,7 @@ class Uploader {
     const std::size_t es = dtype_size(t.dtype);
     const std::byte* src = t.bytes.data() + offset * es;
     if (t.dtype == dtype_of<T>()) {
-      FPF_CUDA(cudaMemcpy(dst, src, count * es, cudaMemcpyHostToDevice));
+      pinned_.copy(dst, src, count * es);  // the mmapped source outlives the copy; load() synchronizes at the end
       return;
     }
     constexpr std::size_t kChunk = 64u << 20;  // bytes staged per conversion
@@ -128,6 +137,18 @@ class Uploader {
 
  private:
   DeviceBuffer<std::byte> staging_;
+  PinnedUploader pinned_;
+  std::vector<std::unique_ptr<PinnedUploader>> parallel_;
+
+ public:
+  // Uploaders for worker threads (repacked 4-bit weights), made on first use: 2 x 16 MiB pinned each.
+  std::vector<std::unique_ptr<PinnedUploader>>& parallel() {
+    if (parallel_.empty()) {
+      const unsigned n = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+      for (unsigned i = 0; i < n; ++i) parallel_.push_back(std::make_unique<PinnedUploader>(16u << 20));
+    }
+    return parallel_;
+  }
 };
 
 template <class T>
@@ -166,6 +187,13 @@ class Impl {
     inv_freq_.upload(inv);
   }
 
+  ~Impl() {
+    graphs_by_key_.clear();
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+
   void reset(int batch) {
     seqs_.resize(static_cast<std::size_t>(batch));
     for (Seq& s : seqs_) s.len = 0;
@@ -203,7 +231,7 @@ class Impl {
       max_keys = std::max(max_keys, p0[b] + Tn);
       ensure_capacity(seqs_[b], p0[b] + Tn);
     }
-    upload_cache_tables();
+    bool moved = upload_cache_tables();  // a buffer a captured graph points into was reallocated
     const int R = static_cast<int>(ids.size()), Nc = static_cast<int>(cap_rows.size());
     if (R == 0) throw Error("forward", "no tokens given");
     {
@@ -213,7 +241,7 @@ class Impl {
       meta.insert(meta.end(), row_seq.begin(), row_seq.end());
       meta.insert(meta.end(), row_pos.begin(), row_pos.end());
       meta.insert(meta.end(), cap_rows.begin(), cap_rows.end());
-      meta_.resize(meta.size());
+      moved |= meta_.resize(meta.size());
       meta_.upload(meta.data(), meta.size());
     }
     const std::int32_t* d_ids = meta_.get();
@@ -224,40 +252,52 @@ class Impl {
     const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
     const int I = cfg_.intermediate_size, Ie = cfg_.moe_intermediate_size;
     const std::size_t P = static_cast<std::size_t>(R) * std::max(k, 1);
-    x_.resize(static_cast<std::size_t>(R) * H);
-    h_.resize(static_cast<std::size_t>(R) * H);
-    tmp_.resize(static_cast<std::size_t>(R) * H);
-    qkv_.resize(static_cast<std::size_t>(R) * qkv_dim);
-    att_.resize(static_cast<std::size_t>(R) * q_dim);
-    gu_.resize(std::max<std::size_t>(static_cast<std::size_t>(R) * 2 * I, P * 2 * Ie) + 1);
-    act_.resize(std::max<std::size_t>(static_cast<std::size_t>(R) * I, P * Ie) + 1);
+    moved |= x_.resize(static_cast<std::size_t>(R) * H);
+    moved |= h_.resize(static_cast<std::size_t>(R) * H);
+    moved |= tmp_.resize(static_cast<std::size_t>(R) * H);
+    moved |= qkv_.resize(static_cast<std::size_t>(R) * qkv_dim);
+    moved |= att_.resize(static_cast<std::size_t>(R) * q_dim);
+    moved |= gu_.resize(std::max<std::size_t>(static_cast<std::size_t>(R) * 2 * I, P * 2 * Ie) + 1);
+    moved |= act_.resize(std::max<std::size_t>(static_cast<std::size_t>(R) * I, P * Ie) + 1);
     if (cfg_.is_moe()) {
-      ye_.resize(P * H);
-      xg_.resize(P * H);
-      rlogits_.resize(static_cast<std::size_t>(R) * E);
-      route_ids_.resize(3 * P);
-      route_wts_.resize(P);
+      moved |= ye_.resize(P * H);
+      moved |= xg_.resize(P * H);
+      moved |= rlogits_.resize(static_cast<std::size_t>(R) * E);
+      moved |= route_ids_.resize(3 * P);
+      moved |= route_wts_.resize(P);
+    }
+    // Decode (<= kSplitMaxRows rows) sizes the attention's key split by the caches' capacity, not by this step's key
+    // count, so every kernel argument stays the same from step to step and the step can be replayed as a CUDA graph.
+    // The kernels read each row's own key count (row_pos) on the device; the extra chunks are empty and add exact
+    // zeros, so the values do not depend on it.
+    const bool decode = R <= attn::kSplitMaxRows;
+    int kernel_keys = max_keys;
+    if (decode) {
+      for (int b = 0; b < B; ++b) kernel_keys = std::max(kernel_keys, seqs_[b].capacity);
+      moved |= attn_scratch_.resize(attn::split_scratch_floats(R, nh, D, kernel_keys));
     }
     const std::set<int> tapped(spec.layers.begin(), spec.layers.end());
     const std::size_t tap_block = static_cast<std::size_t>(Nc) * (H + kv_dim);
-    stage_.resize(tapped.size() * tap_block + 1);
-    hc_.resize(static_cast<std::size_t>(Nc) * H);
-    logits_.resize(static_cast<std::size_t>(Nc) * V);
-    top_.resize(static_cast<std::size_t>(Nc) * (spec.topk + 1));
-    top_lp_.resize(static_cast<std::size_t>(Nc) * spec.topk);
+    moved |= stage_.resize(tapped.size() * tap_block + 1);
+    moved |= hc_.resize(static_cast<std::size_t>(Nc) * H);
+    moved |= logits_.resize(static_cast<std::size_t>(Nc) * V);
+    moved |= top_.resize(static_cast<std::size_t>(Nc) * (spec.topk + 1));
+    moved |= top_lp_.resize(static_cast<std::size_t>(Nc) * spec.topk);
 
-    timer_.start();
-    ops::embed<T>(d_ids, R, embed_.get(), x_.get(), H);
+    const cudaStream_t st = stream_;
+    // Everything from the embedding to the top-k: in decode a fixed sequence of kernels (no host round trip).
+    auto run = [&] {
+    ops::embed<T>(d_ids, R, embed_.get(), x_.get(), H, st);
     int li = 0;
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       LayerW<T>& L = layers_[static_cast<std::size_t>(l)];
-      ops::rmsnorm<T>(x_.get(), nullptr, L.input_norm.get(), h_.get(), R, H, eps);
-      L.qkv.apply(gemm_, h_.get(), R, qkv_.get(), wscratch_.get());
+      ops::rmsnorm<T>(x_.get(), nullptr, L.input_norm.get(), h_.get(), R, H, eps, st);
+      L.qkv.apply(gemm_, h_.get(), R, qkv_.get(), wscratch_.get(), st);
       timer_.mark("norm+qkv");
       T* const* kc = kptr_.get() + static_cast<std::size_t>(l) * B;
       T* const* vc = vptr_.get() + static_cast<std::size_t>(l) * B;
       ops::qk_norm_rope<T>(qkv_.get(), d_seq, d_pos, R, L.q_norm.get(), L.k_norm.get(), inv_freq_.get(), kc, vc, nh, nkv,
-                           D, eps);
+                           D, eps, st);
       attn::CudaArgs<T> a;
       a.q = qkv_.get();
       a.q_stride = static_cast<std::size_t>(qkv_dim);
@@ -272,8 +312,8 @@ class Impl {
       a.max_keys = max_keys;
       a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
       a.out = att_.get();
-      if (R <= attn::kSplitMaxRows) {  // decode: split each row's keys over many blocks
-        attn_scratch_.resize(attn::split_scratch_floats(R, nh, D, max_keys));
+      if (decode) {  // split each row's keys over many blocks
+        a.max_keys = kernel_keys;
         a.scratch = attn_scratch_.get();
       }
       timer_.mark("qknorm_rope");
@@ -285,39 +325,57 @@ class Impl {
                             seqs_[b].k[static_cast<std::size_t>(l)].get(), seqs_[b].v[static_cast<std::size_t>(l)].get()});
           attn::Cuda<attn::Eager>::run_gemm<T>(a, segs, gemm_, eager_s_, eager_p_);
         } else {
-          attn::Cuda<Attention>::template run<T>(a);
+          attn::Cuda<Attention>::template run<T>(a, st);
         }
+      } else if (!decode) {  // prefill: tensor cores where the policy has a kernel for them
+        std::vector<attn::FlashSeq> segs;
+        for (int b = 0; b < B; ++b) segs.push_back({first_row[b], static_cast<int>(chunks[static_cast<std::size_t>(b)].tokens.size())});
+        attn::Cuda<Attention>::template run_prefill<T>(a, segs, st);
       } else {
-        attn::Cuda<Attention>::template run<T>(a);
+        attn::Cuda<Attention>::template run<T>(a, st);
       }
       timer_.mark("attention");
-      L.o.apply(gemm_, att_.get(), R, tmp_.get(), wscratch_.get());
-      ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H);
-      ops::rmsnorm<T>(x_.get(), nullptr, L.post_norm.get(), h_.get(), R, H, eps);
+      L.o.apply(gemm_, att_.get(), R, tmp_.get(), wscratch_.get(), st);
+      ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H, st);
+      ops::rmsnorm<T>(x_.get(), nullptr, L.post_norm.get(), h_.get(), R, H, eps, st);
       timer_.mark("o+norm");
       if (!L.moe) {
-        L.gate_up.apply(gemm_, h_.get(), R, gu_.get(), wscratch_.get());
-        ops::swiglu<T>(gu_.get(), act_.get(), R, I);
-        L.down.apply(gemm_, act_.get(), R, tmp_.get(), wscratch_.get());
-        ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H);
+        L.gate_up.apply(gemm_, h_.get(), R, gu_.get(), wscratch_.get(), st);
+        ops::swiglu<T>(gu_.get(), act_.get(), R, I, st);
+        L.down.apply(gemm_, act_.get(), R, tmp_.get(), wscratch_.get(), st);
+        ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H, st);
       } else {
-        moe(L, R);
+        moe(L, R, st);
       }
       timer_.mark("mlp/moe");
       if (tapped.count(l + 1)) {
-        float* st = stage_.get() + static_cast<std::size_t>(li) * tap_block;
-        ops::rows_to_f32<T>(x_.get(), d_cap, Nc, H, 0, H, st);
-        ops::rows_to_f32<T>(qkv_.get(), d_cap, Nc, qkv_dim, q_dim, kv_dim, st + static_cast<std::size_t>(Nc) * H);
+        float* sg = stage_.get() + static_cast<std::size_t>(li) * tap_block;
+        ops::rows_to_f32<T>(x_.get(), d_cap, Nc, H, 0, H, sg, st);
+        ops::rows_to_f32<T>(qkv_.get(), d_cap, Nc, qkv_dim, q_dim, kv_dim, sg + static_cast<std::size_t>(Nc) * H, st);
         ++li;
       }
     }
-    ops::rmsnorm<T>(x_.get(), d_cap, final_norm_.get(), hc_.get(), Nc, H, eps);
-    gemm_.linear<T>(hc_.get(), Nc, lm_head(), static_cast<int>(V), H, logits_.get());
+    ops::rmsnorm<T>(x_.get(), d_cap, final_norm_.get(), hc_.get(), Nc, H, eps, st);
+    gemm_.linear<T>(hc_.get(), Nc, lm_head(), static_cast<int>(V), H, logits_.get(), st);
     std::int32_t* d_top = top_.get();
     std::int32_t* d_arg = d_top + static_cast<std::size_t>(Nc) * spec.topk;
-    ops::log_softmax_topk<T>(logits_.get(), Nc, V, spec.topk, d_top, top_lp_.get(), d_arg);
-
+    ops::log_softmax_topk<T>(logits_.get(), Nc, V, spec.topk, d_top, top_lp_.get(), d_arg, st);
     timer_.mark("taps+head");
+    };
+
+    timer_.start();
+    if (decode && graphs_ && !timer_.on()) {
+      const std::vector<long long> key{R, B, Nc, spec.topk, kernel_keys, static_cast<long long>(tapped.size()),
+                                       tapped.empty() ? -1 : *tapped.begin(), tapped.empty() ? -1 : *tapped.rbegin()};
+      std::vector<long long> full = key;
+      full.insert(full.end(), tapped.begin(), tapped.end());
+      if (moved) graphs_by_key_.clear();  // their kernels point into freed buffers
+      auto it = graphs_by_key_.find(full);
+      if (it == graphs_by_key_.end()) it = graphs_by_key_.emplace(full, capture(run)).first;
+      FPF_CUDA(cudaGraphLaunch(it->second.exec, stream_));
+    } else {
+      run();
+    }
     timer_.report(R);
     const std::vector<float> stage = stage_.download(tapped.size() * tap_block);
     const std::vector<std::int32_t> top = top_.download(static_cast<std::size_t>(Nc) * (spec.topk + 1));
@@ -373,32 +431,33 @@ class Impl {
     tables_dirty_ = true;
   }
 
-  void upload_cache_tables() {
+  // Returns whether the tables' own allocations moved.
+  bool upload_cache_tables() {
     const std::size_t L = static_cast<std::size_t>(cfg_.num_hidden_layers), B = static_cast<std::size_t>(batch_);
-    if (!tables_dirty_ && kptr_.size() >= L * B && table_batch_ == batch_) return;
+    if (!tables_dirty_ && kptr_.size() >= L * B && table_batch_ == batch_) return false;
     std::vector<T*> kp(L * B), vp(L * B);
     for (std::size_t l = 0; l < L; ++l)
       for (std::size_t b = 0; b < B; ++b) kp[l * B + b] = seqs_[b].k[l].get(), vp[l * B + b] = seqs_[b].v[l].get();
-    kptr_.resize(L * B);
-    vptr_.resize(L * B);
+    const bool moved = kptr_.resize(L * B) | vptr_.resize(L * B);
     kptr_.upload(kp.data(), kp.size());
     vptr_.upload(vp.data(), vp.size());
     tables_dirty_ = false;
     table_batch_ = batch_;
+    return moved;
   }
 
-  void moe(LayerW<T>& L, int R) {
+  void moe(LayerW<T>& L, int R, cudaStream_t st) {
     const int H = cfg_.hidden_size, E = cfg_.num_experts, k = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size;
     const int P = R * k;
-    L.router.apply(gemm_, h_.get(), R, rlogits_.get(), wscratch_.get());
+    L.router.apply(gemm_, h_.get(), R, rlogits_.get(), wscratch_.get(), st);
     std::int32_t* d_ids = route_ids_.get();
-    ops::router<T>(rlogits_.get(), R, E, k, cfg_.norm_topk_prob, d_ids, route_wts_.get());
+    ops::router<T>(rlogits_.get(), R, E, k, cfg_.norm_topk_prob, d_ids, route_wts_.get(), st);
     timer_.mark("moe router");
     if (R <= ops::kGemvMaxRows) {
-      L.gate_up.moe_gemv(h_.get(), k, d_ids, P, gu_.get());
-      ops::swiglu<T>(gu_.get(), act_.get(), P, I);
-      L.down.moe_gemv(act_.get(), 1, d_ids, P, ye_.get());
-      ops::moe_combine<T>(x_.get(), ye_.get(), nullptr, route_wts_.get(), R, k, H);
+      L.gate_up.moe_gemv(h_.get(), k, d_ids, P, gu_.get(), st);
+      ops::swiglu<T>(gu_.get(), act_.get(), P, I, st);
+      L.down.moe_gemv(act_.get(), 1, d_ids, P, ye_.get(), st);
+      ops::moe_combine<T>(x_.get(), ye_.get(), nullptr, route_wts_.get(), R, k, H, st);
       return;
     }
     // Group the slots by expert: a stable counting sort (ascending expert, then ascending slot).
@@ -452,6 +511,8 @@ class Impl {
       up.template operator()<T>(t, 0, static_cast<std::size_t>(out * in), dst);
     };
     std::size_t scratch = 0;
+    const auto t_load = std::chrono::steady_clock::now();
+    double pack_s = 0, upload_s = 0;  // 4-bit modules: repacking (worker threads), device upload
     // Modules sharing one input: modules[e][j] is part j (rows outs[j], concatenated in order) of matrix e. Dense
     // (T) or 4-bit packed as the policy finds them; the packers of all parts run on worker threads.
     auto load_linear = [&](Linear<T>& lin, const std::vector<std::vector<std::string>>& modules,
@@ -481,11 +542,15 @@ class Impl {
       std::vector<quant::Packer> packers;
       for (std::size_t j = 0; j < J; ++j)
         for (std::size_t e = 0; e < E; ++e) packers.push_back(qf.packer(r, modules[e][j], outs[j], in));
+      const auto t0 = std::chrono::steady_clock::now();
       std::vector<quant::Packed4> packed = run_packers(packers);
       std::vector<std::vector<quant::Packed4>> parts(J);
       for (std::size_t j = 0; j < J; ++j)
         for (std::size_t e = 0; e < E; ++e) parts[j].push_back(std::move(packed[j * E + e]));
-      upload_packed(lin, parts);
+      const auto t1 = std::chrono::steady_clock::now();
+      upload_packed(lin, parts, up.parallel());
+      pack_s += std::chrono::duration<double>(t1 - t0).count();
+      upload_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
       scratch = std::max(scratch, lin.scratch_elems());
     };
     whole(embed_, "model.embed_tokens.weight", {V, H});
@@ -544,10 +609,53 @@ class Impl {
     r.check_all_used(ignorable);
     wscratch_.resize(scratch + 1);
     FPF_CUDA(cudaDeviceSynchronize());
+    if (timer_.on())
+      std::fprintf(stderr, "[fpf cuda profile] load %.2f s: 4-bit repacking %.2f s, 4-bit upload %.2f s\n",
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count(), pack_s, upload_s);
   }
+
+  struct Graph {
+    cudaGraph_t graph{};
+    cudaGraphExec_t exec{};
+  };
+  // Captures one decode step's kernels (run() on stream_) as a CUDA graph.
+  template <class Run>
+  Graph capture(Run& run) {
+    Graph g;
+    FPF_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+    try {
+      run();
+    } catch (...) {
+      cudaGraph_t broken{};
+      cudaStreamEndCapture(stream_, &broken);
+      if (broken) cudaGraphDestroy(broken);
+      throw;
+    }
+    FPF_CUDA(cudaStreamEndCapture(stream_, &g.graph));
+    FPF_CUDA(cudaGraphInstantiate(&g.exec, g.graph, 0));
+    return g;
+  }
+  struct Graphs {
+    std::map<std::vector<long long>, Graph> m;
+    auto find(const std::vector<long long>& k) { return m.find(k); }
+    auto end() { return m.end(); }
+    auto emplace(const std::vector<long long>& k, Graph g) { return m.emplace(k, g); }
+    void clear() {
+      for (auto& [k, g] : m) {
+        cudaGraphExecDestroy(g.exec);
+        cudaGraphDestroy(g.graph);
+      }
+      m.clear();
+    }
+    ~Graphs() { clear(); }
+  };
 
   io::ModelConfig cfg_;
   StageTimer timer_;
+  // Decode steps run as CUDA graphs (FPF_CUDA_GRAPHS=0: launched one by one; same kernels, same values).
+  bool graphs_ = std::getenv("FPF_CUDA_GRAPHS") == nullptr || std::string(std::getenv("FPF_CUDA_GRAPHS")) != "0";
+  cudaStream_t stream_ = make_stream();
+  Graphs graphs_by_key_;
   Gemm gemm_;
   DeviceBuffer<T> embed_, lm_head_;
   DeviceBuffer<float> final_norm_, inv_freq_;

@@ -11,7 +11,9 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -64,17 +66,18 @@ class DeviceBuffer {
   }
   ~DeviceBuffer() { release(); }
 
-  // Drops the contents; reallocates only when growing.
-  void resize(std::size_t n) {
-    if (n <= n_ && p_ != nullptr) return;
+  // Drops the contents; reallocates only when growing. Returns whether the allocation moved.
+  bool resize(std::size_t n) {
+    if (n <= n_ && p_ != nullptr) return false;
     release();
-    if (n == 0) return;
+    if (n == 0) return true;
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, n * sizeof(T));
     if (e != cudaSuccess)
       throw Error("cuda", "cudaMalloc of " + std::to_string(n * sizeof(T)) + " bytes failed: " + cudaGetErrorString(e));
     p_ = static_cast<T*>(p);
     n_ = n;
+    return true;
   }
   void upload(const T* host, std::size_t n, std::size_t offset = 0) {
     FPF_CUDA(cudaMemcpy(p_ + offset, host, n * sizeof(T), cudaMemcpyHostToDevice));
@@ -99,6 +102,49 @@ class DeviceBuffer {
   }
   T* p_ = nullptr;
   std::size_t n_ = 0;
+};
+
+// Host-to-device copies of large pageable data (mmapped checkpoints, repacked weights) through two pinned staging
+// buffers: the host copy into one buffer overlaps the DMA out of the other. Pageable cudaMemcpy stages through the
+// driver's own small buffer, which is several times slower at this size.
+class PinnedUploader {
+ public:
+  explicit PinnedUploader(std::size_t buffer_bytes = 64u << 20) : kBuffer(buffer_bytes) {
+    for (int i = 0; i < 2; ++i) {
+      check(cudaHostAlloc(&buf_[i], kBuffer, cudaHostAllocDefault), "cudaHostAlloc (staging)");
+      check(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming), "cudaEventCreate");
+    }
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  }
+  PinnedUploader(const PinnedUploader&) = delete;
+  PinnedUploader& operator=(const PinnedUploader&) = delete;
+  ~PinnedUploader() {
+    cudaStreamSynchronize(stream_);
+    for (int i = 0; i < 2; ++i) cudaFreeHost(buf_[i]), cudaEventDestroy(done_[i]);
+    cudaStreamDestroy(stream_);
+  }
+  void copy(void* dst, const void* src, std::size_t bytes) {
+    auto* d = static_cast<std::byte*>(dst);
+    const auto* h = static_cast<const std::byte*>(src);
+    for (std::size_t done = 0; done < bytes;) {
+      const std::size_t n = std::min(kBuffer, bytes - done);
+      check(cudaEventSynchronize(done_[cur_]), "cudaEventSynchronize");  // this buffer's previous DMA has finished
+      std::memcpy(buf_[cur_], h + done, n);
+      check(cudaMemcpyAsync(d + done, buf_[cur_], n, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+      check(cudaEventRecord(done_[cur_], stream_), "cudaEventRecord");
+      cur_ ^= 1;
+      done += n;
+    }
+  }
+  // Waits for every copy so far (before the device data is used on another stream).
+  void finish() { check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+
+ private:
+  std::size_t kBuffer;
+  void* buf_[2] = {nullptr, nullptr};
+  cudaEvent_t done_[2]{};
+  cudaStream_t stream_{};
+  int cur_ = 0;
 };
 
 // ---- block / warp reductions with one fixed order (butterfly within a warp, then warp 0 over the warp sums) ----

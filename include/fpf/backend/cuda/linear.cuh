@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -100,33 +101,58 @@ inline std::vector<quant::Packed4> run_packers(const std::vector<quant::Packer>&
   return out;
 }
 
+// Runs fn(i, uploader) for i < n on up to uploaders.size() threads, thread t using uploaders[t].
+template <class Fn>
+void parallel_upload(std::size_t n, std::vector<std::unique_ptr<PinnedUploader>>& uploaders, Fn&& fn) {
+  std::atomic<std::size_t> next{0};
+  std::exception_ptr error;
+  std::mutex mu;
+  std::vector<std::thread> pool;
+  const std::size_t threads = std::min(n, uploaders.size());
+  for (std::size_t t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (std::size_t i; (i = next++) < n;) {
+        try {
+          fn(i, *uploaders[t]);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (!error) error = std::current_exception();
+        }
+      }
+    });
+  for (std::thread& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
 // Packed modules sharing an input, E matrices each: parts[j][e] is module j of matrix e (e.g. j = gate, up).
-// Concatenates the modules' rows when every matrix allows it, else uploads one part per module.
+// One weight with the modules' rows concatenated when every matrix allows it, else one weight per module; the
+// parts are copied straight into their rows, in parallel (one pinned uploader per thread).
 template <class T>
-void upload_packed(Linear<T>& lin, const std::vector<std::vector<quant::Packed4>>& parts) {
-  const std::size_t E = parts.front().size();
-  bool concat = parts.size() > 1;
+void upload_packed(Linear<T>& lin, const std::vector<std::vector<quant::Packed4>>& parts,
+                   std::vector<std::unique_ptr<PinnedUploader>>& uploaders) {
+  const std::size_t E = parts.front().size(), J = parts.size();
+  bool concat = J > 1;
   for (std::size_t e = 0; e < E && concat; ++e) {
     std::vector<const quant::Packed4*> row;
     for (const auto& p : parts) row.push_back(&p[e]);
     concat = quant::can_concat(row);
   }
   if (concat) {
-    std::vector<quant::Packed4> mats;
-    for (std::size_t e = 0; e < E; ++e) {
-      std::vector<const quant::Packed4*> row;
-      for (const auto& p : parts) row.push_back(&p[e]);
-      mats.push_back(quant::concat_rows(row));
-    }
+    std::vector<const quant::Packed4*> proto;
+    for (const auto& p : parts) proto.push_back(&p.front());
     q::Weight w;
-    w.upload(mats);
+    w.allocate(static_cast<int>(E), proto);
+    parallel_upload(E * J, uploaders, [&](std::size_t i, PinnedUploader& up) {
+      w.copy_part(static_cast<int>(i / J), static_cast<int>(i % J), parts[i % J][i / J], up);
+    });
     lin.add_part(std::move(w), 0);
     return;
   }
   int row0 = 0;
   for (const auto& p : parts) {
     q::Weight w;
-    w.upload(p);
+    w.allocate(static_cast<int>(E), {&p.front()});
+    parallel_upload(E, uploaders, [&](std::size_t e, PinnedUploader& up) { w.copy_part(static_cast<int>(e), 0, p[e], up); });
     lin.add_part(std::move(w), row0);
     row0 += static_cast<int>(p.front().N);
   }

@@ -6,17 +6,18 @@
 // Order of operations (every scheme, every storage type T):
 //   1. the weight in fp32 by the format's formula: Affine (q - z) * s, one rounding; Nf4 code[q] * absmax, rounded
 //      to the quant state's dtype (bitsandbytes' own output dtype);
-//   2. rounded once to T (exact when T is fp32, or when the NF4 state dtype is T): the value a dequantize-then-
-//      multiply implementation in T would hold, and what the prefill path writes for cuBLASLt;
-//   3. products with T activations widened to fp32, summed in fp32 in a fixed order (each lane in ascending k of
-//      its chunks, then a butterfly over the 32 lanes), the output rounded once to T.
-// So a decode GEMV and a prefill GEMM on the same weights see the same weight values; they differ only in summation
-// order, like the dense path. No atomics; repetitions are bit-identical.
+//   2. decode GEMV, fp32 throughout: Affine factors each 8-code word's scale out of its products,
+//      t = sum_i (q_i - z) x_i (q - z exact), acc += s t; Nf4 multiplies each weight of step 1 by its activation;
+//      each lane sums its words in ascending k, then a butterfly over the 32 lanes; the output is rounded once to T;
+//   3. prefill: the fp32 weight rounded once to T (exact when T is fp32, or when the NF4 state dtype is T) and
+//      written as a T matrix for cuBLASLt (tensor cores need T operands), fp32 accumulation there.
+// So in bf16/fp16 the decode products use the exact dequantized weights and the prefill products their rounding
+// to T; in fp32 both use the same values. No atomics; repetitions are bit-identical.
 //
-// Kernel shapes: one warp per output row (as ops::gemv). The wide path (K and G multiples of 32, no permutation,
-// 16-byte aligned activations) loads 32 codes per lane as one 16-byte vector, all in one group; the narrow path
-// loads 8 codes (one group) per lane and gathers permuted activations (GPTQ act-order).
+// Kernel shape: one warp per output row (as ops::gemv), 8 codes (one group: K and G are multiples of 8) per lane
+// and load; activations 8 per 16-byte load when aligned and not permuted, else one by one (GPTQ act-order gathers).
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <fpf/backend/cuda/common.cuh>
@@ -35,44 +36,84 @@ struct Args {
   const std::uint8_t* zeros;   // Affine: [E, N, ng]
   const std::int32_t* perm;    // null, or [E, K]
   int N, K, G, ng;
+  int gshift;     // log2(G / 8) when G / 8 is a power of two (group of an 8-code word by a shift), else -1
   long long spm;  // scales per matrix
   float code[16];  // NF4 code values
 };
 
+// Round to nearest even into bf16 and back, on the bits (finite values; full-rate integer ops instead of a
+// conversion instruction); fp16 through the conversion.
 template <int Round>
 __device__ __forceinline__ float round_state(float v) {
-  if constexpr (Round == kRoundBf16) return __bfloat162float(__float2bfloat16_rn(v));
-  else if constexpr (Round == kRoundF16) return __half2float(__float2half_rn(v));
-  else return v;
+  if constexpr (Round == kRoundBf16) {
+    unsigned u = __float_as_uint(v);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return __uint_as_float(u & 0xFFFF0000u);
+  } else if constexpr (Round == kRoundF16) {
+    return __half2float(__float2half_rn(v));
+  } else {
+    return v;
+  }
 }
 
-// Code: 0 Affine, 1 Nf4. The weight value as the storage type T holds it, widened to fp32.
-template <class T, int Code, int Round>
-__device__ __forceinline__ float weight(const Args& a, unsigned q, float s, int z) {
-  float v;
-  if constexpr (Code == 0) v = __fmul_rn(static_cast<float>(static_cast<int>(q) - z), s);  // exact int times s: one rounding
-  else v = round_state<Round>(__fmul_rn(a.code[q], s));
-  return to_f(from_f<T>(v));
+// The weight in fp32 by the format's formula (Code 0 Affine, 1 Nf4), the CPU reference's value. Affine: the float
+// with bits 0x4B000000 | q is 2^23 + q, and zb = 2^23 + z, so their difference is q - z exactly (no int-to-float
+// conversion); one rounding in the product with the scale. code: the NF4 table in shared memory.
+template <int Code, int Round>
+__device__ __forceinline__ float weight(const float* code, unsigned q, float s, float zb) {
+  if constexpr (Code == 0) return __fmul_rn(__fsub_rn(__uint_as_float(0x4B000000u | q), zb), s);
+  else return round_state<Round>(__fmul_rn(code[q], s));
 }
 
-// Per output row n of matrix e: scale index and zero of the group holding stored position kk.
+// Per output row n of matrix e: the scale and 2^23 + zero of the group holding stored position kk.
 template <int Code>
-__device__ __forceinline__ void group_of(const Args& a, int e, int n, int kk, float& s, int& z) {
+__device__ __forceinline__ void group_of(const Args& a, int e, int n, int kk, float& s, float& zb) {
   if constexpr (Code == 0) {
     const long long gi = static_cast<long long>(n) * a.ng + kk / a.G;
     s = a.scales[e * a.spm + gi];
-    z = a.zeros[static_cast<long long>(e) * a.N * a.ng + gi];
+    zb = 8388608.0f + static_cast<float>(a.zeros[static_cast<long long>(e) * a.N * a.ng + gi]);
   } else {
     s = a.scales[e * a.spm + (static_cast<long long>(n) * a.K + kk) / a.G];
-    z = 0;
+    zb = 0.0f;
+  }
+}
+
+// Eight consecutive activations (16-byte aligned) widened to fp32: one 16-byte load for bf16/fp16, two for fp32.
+template <class T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same_v<T, bf16>) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+      } else {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+        v[2 * i] = f.x, v[2 * i + 1] = f.y;
+      }
+    }
   }
 }
 
 // Y[m, n] (row stride ldy) = sum_k X[m, k] W_e[n, k]. Dense mode (ids null): M rows of X (stride x_stride), e = 0.
 // MoE mode: blockIdx.y is slot p, e = ids[p], one row X[p / x_div], output row Y[p].
-template <class T, int Code, int Round, int MaxM, bool Wide>
+// One warp per output row; lane l takes the row's 8-code words l, l + 32, l + 64, ... (so each warp-wide load of
+// codes, and of the matching 8 activations per lane, is contiguous), four words in flight at a time, and sums its
+// products in ascending k; then a butterfly over the lanes. Vec: activations 16-byte aligned and not permuted
+// (8 per load); otherwise each activation is read on its own (act-order gathers x[perm[k]]).
+template <class T, int Code, int Round, int MaxM, bool Vec>
 __global__ void k_qgemv(Args a, const T* __restrict__ X, int M, long long x_stride, int x_div,
                         const std::int32_t* __restrict__ ids, T* __restrict__ Y, long long ldy) {
+  __shared__ float code[16];
+  if constexpr (Code == 1) {
+    if (threadIdx.x < 16) code[threadIdx.x] = a.code[threadIdx.x];
+    __syncthreads();
+  }
   const int n = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (n >= a.N) return;
   const int lane = threadIdx.x & 31;
@@ -88,47 +129,59 @@ __global__ void k_qgemv(Args a, const T* __restrict__ X, int M, long long x_stri
   const int W = a.K / 8;
   const std::uint32_t* wr = a.words + (static_cast<long long>(e) * a.N + n) * W;
   const std::int32_t* perm = a.perm != nullptr ? a.perm + static_cast<long long>(e) * a.K : nullptr;
+  // Group of word c: Affine row-local (scales/zeros of this row), Nf4 over the flattened weight (word n * W + c).
+  const int wpg = a.G / 8;  // words per group
+  const float* srow = a.scales + e * a.spm + (Code == 0 ? static_cast<long long>(n) * a.ng : 0);
+  const std::uint8_t* zrow = Code == 0 ? a.zeros + (static_cast<long long>(e) * a.N + n) * a.ng : nullptr;
+  const long long fbase = Code == 0 ? 0 : static_cast<long long>(n) * W;
   float acc[MaxM];
 #pragma unroll
   for (int m = 0; m < MaxM; ++m) acc[m] = 0.0f;
-  if constexpr (Wide) {
-    constexpr int V = ops::Vec<T>::n;  // activations per 16-byte load
-    for (int c = lane; c < W / 4; c += 32) {
-      const uint4 wv = reinterpret_cast<const uint4*>(wr)[c];
-      const std::uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
-      float s;
-      int z;
-      group_of<Code>(a, e, n, 32 * c, s, z);
-      float w[32];
+  constexpr int U = 4;  // words in flight per lane
+  for (int c0 = lane; c0 < W; c0 += 32 * U) {
+    std::uint32_t ws[U];
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+    for (int u = 0; u < U; ++u) ws[u] = c0 + 32 * u < W ? wr[c0 + 32 * u] : 0u;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) w[8 * j + i] = weight<T, Code, Round>(a, (ws[j] >> (4 * i)) & 0xFu, s, z);
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= W) break;
+      const long long fw = fbase + c;
+      const long long g = a.gshift >= 0 ? fw >> a.gshift : fw / wpg;
+      const float s = srow[g];
+      float w[8];  // Affine: q - z (exact); Nf4: the weight
+      if constexpr (Code == 0) {
+        // Codes 2j and 2j + 1 sit in byte j of lo and hi; __byte_perm builds the float 2^23 + q from one byte.
+        const float zb = 8388608.0f + static_cast<float>(zrow[g]);
+        const unsigned lo = ws[u] & 0x0F0F0F0Fu, hi = (ws[u] >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          w[2 * j] = __fsub_rn(__uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + j)), zb);
+          w[2 * j + 1] = __fsub_rn(__uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + j)), zb);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) w[i] = weight<Code, Round>(code, (ws[u] >> (4 * i)) & 0xFu, s, 0.0f);
+      }
 #pragma unroll
       for (int m = 0; m < MaxM; ++m) {
         if (m >= M) break;
-        const ops::Vec<T>* xv = reinterpret_cast<const ops::Vec<T>*>(x + m * x_stride + 32 * c);
+        float xv[8];
+        if constexpr (Vec) {
+          load8<T>(x + m * x_stride + 8 * c, xv);
+        } else {
 #pragma unroll
-        for (int v = 0; v < 32 / V; ++v) {
-          const ops::Vec<T> xx = xv[v];
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc[m] += w[v * V + i] * to_f(xx.v[i]);
+          for (int i = 0; i < 8; ++i) xv[i] = to_f(x[m * x_stride + (perm != nullptr ? perm[8 * c + i] : 8 * c + i)]);
         }
-      }
-    }
-  } else {
-    for (int c = lane; c < W; c += 32) {
-      const std::uint32_t ws = wr[c];
-      float s;
-      int z;
-      group_of<Code>(a, e, n, 8 * c, s, z);
+        if constexpr (Code == 0) {
+          float t = 0.0f;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float w = weight<T, Code, Round>(a, (ws >> (4 * i)) & 0xFu, s, z);
-        const int k = perm != nullptr ? perm[8 * c + i] : 8 * c + i;
+          for (int i = 0; i < 8; ++i) t = fmaf(w[i], xv[i], t);
+          acc[m] = fmaf(s, t, acc[m]);
+        } else {
 #pragma unroll
-        for (int m = 0; m < MaxM; ++m)
-          if (m < M) acc[m] += w * to_f(x[m * x_stride + k]);
+          for (int i = 0; i < 8; ++i) acc[m] = fmaf(w[i], xv[i], acc[m]);
+        }
       }
     }
   }
@@ -143,56 +196,77 @@ __global__ void k_qgemv(Args a, const T* __restrict__ X, int M, long long x_stri
 // W_e as T [N, K] row-major in the module's own input order (row stride ldw), for cuBLASLt.
 template <class T, int Code, int Round>
 __global__ void k_qdequant(Args a, int e, T* __restrict__ out, long long ldw) {
+  __shared__ float code[16];
+  if (threadIdx.x < 16) code[threadIdx.x] = a.code[threadIdx.x];
+  __syncthreads();
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // word index in the matrix
   const int W = a.K / 8;
   if (i >= static_cast<long long>(a.N) * W) return;
   const int n = static_cast<int>(i / W), c = static_cast<int>(i % W);
   const std::uint32_t ws = a.words[static_cast<long long>(e) * a.N * W + i];
-  float s;
-  int z;
-  group_of<Code>(a, e, n, 8 * c, s, z);
+  float s, zb;
+  group_of<Code>(a, e, n, 8 * c, s, zb);
   const std::int32_t* perm = a.perm != nullptr ? a.perm + static_cast<long long>(e) * a.K : nullptr;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int k = perm != nullptr ? perm[8 * c + j] : 8 * c + j;
-    out[n * ldw + k] = from_f<T>(weight<T, Code, Round>(a, (ws >> (4 * j)) & 0xFu, s, z));
+    out[n * ldw + k] = from_f<T>(weight<Code, Round>(code, (ws >> (4 * j)) & 0xFu, s, zb));
   }
 }
 
 // E packed matrices of one shape on the device.
 class Weight {
  public:
-  // All parts must share N, K, code, G, dtype (a checkpoint's experts do); perms may differ per matrix.
-  void upload(const std::vector<quant::Packed4>& mats) {
-    if (mats.empty()) throw Error("q::Weight", "no matrices");
-    const quant::Packed4& a = mats.front();
-    E_ = static_cast<int>(mats.size());
-    N_ = static_cast<int>(a.N), K_ = static_cast<int>(a.K), G_ = static_cast<int>(a.G), ng_ = static_cast<int>(a.groups_per_row());
+  // E matrices whose rows are the given parts' rows in order (part j of every matrix packed like parts[j]; the
+  // parts must be concatenable, quant::can_concat, and each matrix's permutation is its first part's).
+  void allocate(int E, const std::vector<const quant::Packed4*>& parts) {
+    if (parts.empty() || E < 1) throw Error("q::Weight", "no matrices");
+    if (parts.size() > 1 && !quant::can_concat(parts)) throw Error("q::Weight", "parts of one weight must share their packing");
+    const quant::Packed4& a = *parts.front();
+    E_ = E;
+    N_ = 0;
+    row0_.clear();
+    for (const quant::Packed4* p : parts) row0_.push_back(N_), N_ += static_cast<int>(p->N);
+    K_ = static_cast<int>(a.K), G_ = static_cast<int>(a.G), ng_ = static_cast<int>(a.groups_per_row());
     code_ = static_cast<int>(a.code);
     round_ = a.code == quant::Packed4::Code::Nf4 ? (a.nf4_dtype == DType::BF16 ? kRoundBf16 : a.nf4_dtype == DType::F16 ? kRoundF16 : kRoundNone)
                                                  : kRoundNone;
-    spm_ = a.scale_count();
-    const bool has_perm = !a.perm.empty();
-    for (const quant::Packed4& p : mats)
-      if (p.N != a.N || p.K != a.K || p.G != a.G || p.code != a.code || p.nf4_dtype != a.nf4_dtype || p.perm.empty() != !has_perm)
-        throw Error("q::Weight", "matrices of one weight must share their packing");
-    const std::size_t wn = a.words.size(), sn = a.scales.size(), zn = a.zeros.size(), pn = a.perm.size();
-    words_.resize(wn * mats.size());
-    scales_.resize(sn * mats.size());
-    if (zn) zeros_.resize(zn * mats.size());
-    if (pn) perm_.resize(pn * mats.size());
-    for (std::size_t i = 0; i < mats.size(); ++i) {
-      words_.upload(mats[i].words.data(), wn, i * wn);
-      scales_.upload(mats[i].scales.data(), sn, i * sn);
-      if (zn) zeros_.upload(mats[i].zeros.data(), zn, i * zn);
-      if (pn) perm_.upload(mats[i].perm.data(), pn, i * pn);
-    }
-    bytes_ = (words_.size() * 4 + scales_.size() * 4 + zeros_.size() + perm_.size() * 4) / static_cast<std::size_t>(E_);
+    spm_ = a.code == quant::Packed4::Code::Affine ? static_cast<long long>(N_) * ng_ : (static_cast<long long>(N_) * K_ + G_ - 1) / G_;
+    const std::size_t e = static_cast<std::size_t>(E);
+    words_.resize(e * N_ * (K_ / 8));
+    scales_.resize(e * static_cast<std::size_t>(spm_));
+    if (a.code == quant::Packed4::Code::Affine) zeros_.resize(e * static_cast<std::size_t>(spm_));
+    if (!a.perm.empty()) perm_.resize(e * K_);
+  }
+
+  // Copies part j of matrix e (packed like allocate's parts[j]) through `up`; returns once the host data may go.
+  void copy_part(int e, int j, const quant::Packed4& p, PinnedUploader& up) {
+    const long long row0 = row0_.at(static_cast<std::size_t>(j)), W = K_ / 8;
+    if (p.K != K_ || p.G != G_ || static_cast<int>(p.code) != code_ || p.perm.empty() != (perm_.get() == nullptr) ||
+        p.words.size() != static_cast<std::size_t>(p.N * W) || p.scales.size() != static_cast<std::size_t>(p.scale_count()))
+      throw Error("q::Weight", "part packed unlike the weight's layout");
+    const long long s0 = code_ == 0 ? row0 * ng_ : row0 * K_ / G_;
+    up.copy(words_.get() + (static_cast<long long>(e) * N_ + row0) * W, p.words.data(), p.words.size() * sizeof(std::uint32_t));
+    up.copy(scales_.get() + e * spm_ + s0, p.scales.data(), p.scales.size() * sizeof(float));
+    if (!p.zeros.empty()) up.copy(zeros_.get() + e * spm_ + s0, p.zeros.data(), p.zeros.size());
+    if (j == 0 && !p.perm.empty()) up.copy(perm_.get() + static_cast<long long>(e) * K_, p.perm.data(), p.perm.size() * sizeof(std::int32_t));
+    up.finish();
+  }
+
+  // E matrices of one part each.
+  void upload(const std::vector<quant::Packed4>& mats, PinnedUploader& up) {
+    if (mats.empty()) throw Error("q::Weight", "no matrices");
+    allocate(static_cast<int>(mats.size()), {&mats.front()});
+    for (std::size_t i = 0; i < mats.size(); ++i) copy_part(static_cast<int>(i), 0, mats[i], up);
+  }
+
+  std::size_t bytes_per_matrix() const {
+    if (E_ == 0) return 0;
+    return (words_.size() * 4 + scales_.size() * 4 + zeros_.size() + perm_.size() * 4) / static_cast<std::size_t>(E_);
   }
 
   int N() const { return N_; }
   int K() const { return K_; }
-  std::size_t bytes_per_matrix() const { return bytes_; }
 
   // Y[m, 0..N) (row stride ldy) = X[m] W^T for M <= ops::kGemvMaxRows rows (stride x_stride).
   template <class T>
@@ -228,6 +302,9 @@ class Weight {
     a.zeros = zeros_.get();
     a.perm = perm_.get();
     a.N = N_, a.K = K_, a.G = G_, a.ng = ng_;
+    a.gshift = -1;
+    for (int sh = 0; sh < 30; ++sh)
+      if ((8 << sh) == G_) a.gshift = sh;
     a.spm = spm_;
     for (int i = 0; i < 16; ++i) a.code[i] = quant::kNf4Code[i];
     return a;
@@ -238,8 +315,8 @@ class Weight {
               cudaStream_t s) const {
     if (M == 0) return;
     if (M > ops::kGemvMaxRows) throw Error("q::Weight::gemv", "at most " + std::to_string(ops::kGemvMaxRows) + " rows");
-    const bool wide = K_ % 32 == 0 && G_ % 32 == 0 && perm_.get() == nullptr &&
-                      reinterpret_cast<std::uintptr_t>(X) % 16 == 0 && (x_stride * sizeof(T)) % 16 == 0;
+    const bool wide = perm_.get() == nullptr && reinterpret_cast<std::uintptr_t>(X) % 16 == 0 &&
+                      (x_stride * sizeof(T)) % 16 == 0;  // 8 activations per aligned load
     const int mm = M == 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
     const int key = ((code_ * 3 + round_) * 4 + (mm == 1 ? 0 : mm == 2 ? 1 : mm == 4 ? 2 : 3)) * 2 + (wide ? 1 : 0);
     dispatch<T>(key, X, M, x_stride, x_div, ids, slots, Y, ldy, s);
@@ -285,7 +362,7 @@ class Weight {
 
   int E_ = 0, N_ = 0, K_ = 0, G_ = 0, ng_ = 0, code_ = 0, round_ = 0;
   long long spm_ = 0;
-  std::size_t bytes_ = 0;
+  std::vector<int> row0_;
   DeviceBuffer<std::uint32_t> words_;
   DeviceBuffer<float> scales_;
   DeviceBuffer<std::uint8_t> zeros_;

@@ -1,0 +1,178 @@
+// fpf-cuda-kernel-bench: the decode kernels alone at the Qwen3-30B-A3B shape (bf16), timed with CUDA events over
+// back-to-back launches (so launch latency overlaps, as in a graph-launched decode step): attention of one row
+// against --keys cached keys (eager, flash), the prefill attention of --keys rows, and the per-layer products of a
+// batch-1 decode step dense (bf16) and 4-bit (AWQ-like affine groups of 128, NF4 blocks of 64 rounded to bf16):
+// q/k/v, o, the MoE expert products of 8 slots, and the lm_head. Prints microseconds and the bytes each launch must
+// read per microsecond (GB/s of weights and KV).
+//   fpf-cuda-kernel-bench [--keys 6000] [--iters 200]
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <fpf/attention/cuda.cuh>
+#include <fpf/backend/cuda/gemm.cuh>
+#include <fpf/backend/cuda/ops.cuh>
+#include <fpf/backend/cuda/qlinear.cuh>
+#include <fpf/quant/packed.hpp>
+
+using namespace fpf;
+using T = cuda::bf16;
+
+namespace {
+
+// Mean microseconds per call of f over `iters` back-to-back calls (after 3 warm-up calls).
+template <class F>
+double time_us(F&& f, int iters) {
+  for (int i = 0; i < 3; ++i) f();
+  cudaEvent_t e0, e1;
+  FPF_CUDA(cudaEventCreate(&e0));
+  FPF_CUDA(cudaEventCreate(&e1));
+  FPF_CUDA(cudaEventRecord(e0));
+  for (int i = 0; i < iters; ++i) f();
+  FPF_CUDA(cudaEventRecord(e1));
+  FPF_CUDA(cudaEventSynchronize(e1));
+  float ms = 0;
+  FPF_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return 1e3 * ms / iters;
+}
+
+template <class V>
+cuda::DeviceBuffer<V> random_device(std::size_t n, std::uint64_t seed) {
+  std::vector<V> h(n);
+  std::uint64_t s = seed;
+  for (auto& x : h) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    if constexpr (std::is_same_v<V, T>) x = __float2bfloat16(static_cast<float>((s >> 40) % 2001) / 1000.0f - 1.0f);
+    else x = static_cast<V>(s >> 33);
+  }
+  cuda::DeviceBuffer<V> d(n);
+  d.upload(h.data(), n);
+  return d;
+}
+
+quant::Packed4 packed(quant::Packed4::Code code, int N, int K, std::uint32_t seed) {
+  std::mt19937 g(seed);
+  quant::Packed4 p;
+  p.code = code;
+  p.nf4_dtype = DType::BF16;
+  p.N = N, p.K = K, p.G = code == quant::Packed4::Code::Affine ? 128 : 64;
+  p.words.resize(static_cast<std::size_t>(N) * K / 8);
+  for (auto& w : p.words) w = static_cast<std::uint32_t>(g());
+  p.scales.assign(static_cast<std::size_t>(p.scale_count()), 0.01f);
+  if (code == quant::Packed4::Code::Affine) p.zeros.assign(p.scales.size(), 8);
+  return p;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int keys = 6000, iters = 200;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i];
+    if (k == "--keys") keys = std::atoi(argv[i + 1]);
+    else if (k == "--iters") iters = std::atoi(argv[i + 1]);
+    else {
+      std::fprintf(stderr, "usage: fpf-cuda-kernel-bench [--keys N] [--iters N]\n");
+      return 2;
+    }
+  }
+  const int nh = 32, nkv = 4, D = 128, H = 2048, I = 768, E = 128, k = 8, q_dim = nh * D, kv_dim = nkv * D;
+  const long long V = 151936;
+  cudaDeviceProp prop{};
+  FPF_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device %s; shape Qwen3-30B-A3B (bf16), %d cached keys, %d iterations per kernel\n", prop.name, keys, iters);
+
+  // ---- attention ----
+  auto q = random_device<T>(static_cast<std::size_t>(keys) * q_dim, 1);
+  auto kc = random_device<T>(static_cast<std::size_t>(keys) * kv_dim, 2);
+  auto vc = random_device<T>(static_cast<std::size_t>(keys) * kv_dim, 3);
+  cuda::DeviceBuffer<T> out(static_cast<std::size_t>(keys) * q_dim);
+  std::vector<std::int32_t> seq(static_cast<std::size_t>(keys), 0), pos(static_cast<std::size_t>(keys));
+  for (int i = 0; i < keys; ++i) pos[static_cast<std::size_t>(i)] = i;
+  cuda::DeviceBuffer<std::int32_t> dseq(static_cast<std::size_t>(keys)), dpos(static_cast<std::size_t>(keys)), dlast(1);
+  dseq.upload(seq.data(), seq.size());
+  dpos.upload(pos.data(), pos.size());
+  const std::int32_t last = keys - 1;
+  dlast.upload(&last, 1);
+  T* kp = kc.get();
+  T* vp = vc.get();
+  cuda::DeviceBuffer<T*> kt(1), vt(1);
+  kt.upload(&kp, 1);
+  vt.upload(&vp, 1);
+  cuda::DeviceBuffer<float> scratch(attn::split_scratch_floats(1, nh, D, keys));
+  attn::CudaArgs<T> a;
+  a.q = q.get();
+  a.q_stride = q_dim;
+  a.kcache = kt.get();
+  a.vcache = vt.get();
+  a.row_seq = dseq.get();
+  a.row_pos = dpos.get();
+  a.rows = keys;
+  a.num_heads = nh;
+  a.num_kv_heads = nkv;
+  a.head_dim = D;
+  a.max_keys = keys;
+  a.scale = 0.0884f;
+  a.out = out.get();
+  attn::CudaArgs<T> d = a;
+  d.rows = 1;
+  d.row_pos = dlast.get();
+  d.scratch = scratch.get();
+  const double kv_bytes = 2.0 * keys * kv_dim * sizeof(T);
+  const double de = time_us([&] { attn::Cuda<attn::Eager>::run<T>(d); }, iters);
+  const double df = time_us([&] { attn::Cuda<attn::Flash<>>::run<T>(d); }, iters);
+  std::printf("decode attention, 1 row x %d keys: eager %.1f us, flash %.1f us (KV %.1f MB: %.0f / %.0f GB/s)\n", keys, de, df,
+              kv_bytes / 1e6, kv_bytes / de / 1e3, kv_bytes / df / 1e3);
+  const double pf = time_us([&] { attn::Cuda<attn::Flash<>>::run<T>(a); }, 3);
+  const double flops = 4.0 * nh * D * (static_cast<double>(keys) * (keys + 1) / 2);
+  std::printf("prefill attention, %d rows (flash, SIMT): %.2f ms, %.1f TFLOP/s\n", keys, pf / 1e3, flops / pf / 1e6);
+
+  // ---- products of one decode step (batch 1) ----
+  cuda::Gemm gemm;
+  auto x = random_device<T>(static_cast<std::size_t>(8) * 4096, 4);
+  cuda::DeviceBuffer<T> y(static_cast<std::size_t>(V) * 8);
+  std::vector<std::int32_t> ids_h{3, 17, 40, 41, 77, 90, 101, 127};
+  cuda::DeviceBuffer<std::int32_t> ids(8);
+  ids.upload(ids_h.data(), 8);
+  struct Shape {
+    const char* name;
+    int N, K;
+    bool moe;
+  };
+  const Shape shapes[] = {{"qkv", q_dim + 2 * kv_dim, H, false},
+                          {"o", H, q_dim, false},
+                          {"experts gate_up x8", 2 * I, H, true},
+                          {"experts down x8", H, I, true}};
+  double layer_dense = 0, layer_awq = 0, layer_nf4 = 0;
+  for (const Shape& s : shapes) {
+    const int mats = s.moe ? E : 1, slots = s.moe ? k : 1;
+    const double w_elems = static_cast<double>(s.N) * s.K * slots;
+    auto wd = random_device<T>(static_cast<std::size_t>(mats) * s.N * s.K, 5);
+    const double td = s.moe ? time_us([&] { cuda::ops::moe_gemv<T>(x.get(), k, wd.get(), ids.get(), slots, s.N, s.K, y.get()); }, iters)
+                            : time_us([&] { gemm.linear<T>(x.get(), 1, wd.get(), s.N, s.K, y.get()); }, iters);
+    double tq[2];
+    for (int c = 0; c < 2; ++c) {
+      std::vector<quant::Packed4> ps;
+      for (int e = 0; e < mats; ++e) ps.push_back(packed(c == 0 ? quant::Packed4::Code::Affine : quant::Packed4::Code::Nf4, s.N, s.K, 7 + e));
+      cuda::q::Weight w;
+      cuda::PinnedUploader up;
+      w.upload(ps, up);
+      tq[c] = s.moe ? time_us([&] { w.moe_gemv<T>(x.get(), s.K, k, ids.get(), slots, y.get(), s.N); }, iters)
+                    : time_us([&] { w.gemv<T>(x.get(), 1, s.K, y.get(), s.N); }, iters);
+    }
+    layer_dense += td, layer_awq += tq[0], layer_nf4 += tq[1];
+    std::printf("%-20s N %5d K %4d: bf16 %6.1f us (%4.0f GB/s) | affine-4bit %6.1f us (%4.0f GB/s of codes) | nf4 %6.1f us\n", s.name, s.N,
+                s.K, td, w_elems * 2 / td / 1e3, tq[0], w_elems * 0.5 / tq[0] / 1e3, tq[1]);
+  }
+  auto lm = random_device<T>(static_cast<std::size_t>(V) * H, 6);
+  const double tl = time_us([&] { gemm.linear<T>(x.get(), 1, lm.get(), static_cast<int>(V), H, y.get()); }, iters / 4 + 1);
+  std::printf("lm_head bf16 N %lld K %d: %.1f us (%.0f GB/s)\n", V, H, tl, static_cast<double>(V) * H * 2 / tl / 1e3);
+  std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n", layer_dense,
+              layer_awq, layer_nf4, layer_dense * 48 / 1e3, layer_awq * 48 / 1e3, layer_nf4 * 48 / 1e3);
+  return 0;
+}
