@@ -59,6 +59,10 @@ TEST_CASE("packed: every fixture module dequantizes bit for bit to the PyTorch r
   check_packed<quant::Gptq<4>>("gptq_actorder_moe_sparse_step", true);
   check_packed<quant::Gptq<4>>("gptq_v2_moe_no_norm", false);
   check_packed<quant::Nf4>("nf4_moe_bf16_sharded", false);
+  check_packed<quant::Awq<4>>("synth_awq_tiny_moe", false);
+  check_packed<quant::Gptq<4>>("synth_gptq_tiny_moe", false);
+  check_packed<quant::Gptq<4>>("synth_gptq_actorder_tiny_moe", true);
+  check_packed<quant::Nf4>("synth_nf4_tiny_moe", false);
 }
 
 TEST_CASE("packed: group permutation") {

@@ -151,3 +151,12 @@ TEST_CASE("quant parity: GPTQ v2 fixture") { check_fixture<quant::Gptq<4>>("gptq
 TEST_CASE("quant parity: NF4 double-quant bf16 sharded fixture (4.x config spellings)") {
   check_fixture<quant::Nf4>("nf4_moe_bf16_sharded");
 }
+
+// fpf-synth --shape tiny-moe --quant S --seed 3 (bf16 weights quantized by fpf-synth itself), dequantized by the
+// independent PyTorch script and run by HF on the GPU machine: fpf-synth's files read back bit for bit.
+TEST_CASE("quant parity: fpf-synth tiny-moe checkpoints in every scheme") {
+  check_fixture<quant::Awq<4>>("synth_awq_tiny_moe");
+  check_fixture<quant::Gptq<4>>("synth_gptq_tiny_moe");
+  check_fixture<quant::Gptq<4>>("synth_gptq_actorder_tiny_moe");
+  check_fixture<quant::Nf4>("synth_nf4_tiny_moe");
+}
