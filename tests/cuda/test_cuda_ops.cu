@@ -58,6 +58,18 @@ void test_rmsnorm(int rows, int n, std::uint32_t seed) {
   const double e = rel_l2(got, ref);
   MESSAGE("rmsnorm " << dtype_name(dtype_of<T>()) << " rows " << rows << " n " << n << ": rel L2 " << e);
   CHECK(e <= tolerance<T>());
+
+  // add_rmsnorm: bit for bit what add() then rmsnorm() give.
+  const std::vector<float> yv = randn(x.size(), seed + 2, 1.0f);
+  std::vector<float> yc = yv;
+  auto dy2 = to_device(round_to<T>(yc));
+  auto dx1 = to_device(xt), dx2 = to_device(xt);
+  DeviceBuffer<T> o1(x.size()), o2(x.size());
+  ops::add<T>(dx1.get(), dy2.get(), x.size());
+  ops::rmsnorm<T>(dx1.get(), nullptr, dw.get(), o1.get(), rows, n, 1e-6f);
+  ops::add_rmsnorm<T>(dx2.get(), dy2.get(), dw.get(), o2.get(), rows, n, 1e-6f);
+  CHECK(same_bits(raw(dx1, x.size()), raw(dx2, x.size())));
+  CHECK(same_bits(raw(o1, x.size()), raw(o2, x.size())));
 }
 
 template <class T>

@@ -33,9 +33,9 @@ struct CudaArgs {
 inline constexpr int kSplitKeys = 128;
 inline constexpr int kSplitMaxRows = 8;
 __host__ __device__ inline std::size_t split_chunks(int max_keys) { return static_cast<std::size_t>((max_keys + kSplitKeys - 1) / kSplitKeys); }
-// Flash decode uses smaller chunks (a 6k-token cache then spreads over ~190 blocks per KV head): kFlashSplitKeys
+// Flash decode uses smaller chunks (a 6k-token cache then spreads over ~94 blocks per KV head): kFlashSplitKeys
 // rounded up to whole tiles of the policy's Bc.
-inline constexpr int kFlashSplitKeys = 32;
+inline constexpr int kFlashSplitKeys = 64;
 __host__ __device__ constexpr int flash_chunk_keys(int bc) { return (kFlashSplitKeys + bc - 1) / bc * bc; }
 __host__ __device__ inline std::size_t flash_split_chunks(int max_keys, int bc) {
   return static_cast<std::size_t>((max_keys + flash_chunk_keys(bc) - 1) / flash_chunk_keys(bc));

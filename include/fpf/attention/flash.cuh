@@ -108,13 +108,15 @@ __global__ void k_flash(CudaArgs<T> a) {
 }
 
 // Merges the chunks of one (row, head): m = max m_c, w_c = e^(m_c - m) (0 for a chunk past the row's keys),
-// l = sum l_c w_c (fixed tree), out = sum_c acc_c w_c (chunk order) / l. One block per (row, head); thread d owns
-// output dim d; the chunk weights sit in shared memory.
+// l = sum l_c w_c (fixed tree), out = sum_c acc_c w_c / l. One block per (row, head); warp w sums the chunks
+// c = w, w + nw, ... (lane: dims lane, lane + 32, ...) into its partial, then the partials are added in warp order:
+// a fixed order, with many independent loads in flight (a long cache has hundreds of chunks).
 template <class T>
 __global__ void k_flash_combine(CudaArgs<T> a, int chunks) {
-  extern __shared__ float wts[];
+  extern __shared__ float wts[];  // [chunks] weights, then [nw, D] partial sums
   __shared__ float red[32];
   const int D = a.head_dim, r = blockIdx.x, h = blockIdx.y;
+  const int nw = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const std::size_t rh = static_cast<std::size_t>(r) * a.num_heads + h;
   const float* part = a.scratch + rh * chunks * (D + 2);
   float m = -INFINITY;
@@ -123,17 +125,24 @@ __global__ void k_flash_combine(CudaArgs<T> a, int chunks) {
   float l = 0.0f;
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
     const float* pc = part + static_cast<std::size_t>(c) * (D + 2);
-    const float w = pc[D + 1] > 0.0f ? expf(pc[D] - m) : 0.0f;
-    wts[c] = w;
-    l += pc[D + 1] * w;
+    const float wc = pc[D + 1] > 0.0f ? expf(pc[D] - m) : 0.0f;
+    wts[c] = wc;
+    l += pc[D + 1] * wc;
   }
   __syncthreads();
   l = cuda::block_sum(l, red);
-  // A chunk past the row's keys holds acc = 0 and weight 0: no branch, so the loads of consecutive chunks overlap.
+  // A chunk past the row's keys holds acc = 0 and weight 0: no branch, so the loads overlap.
+  float* partial = wts + chunks;
+  for (int d = lane; d < D; d += 32) {
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int c = w; c < chunks; c += nw) acc += part[static_cast<std::size_t>(c) * (D + 2) + d] * wts[c];
+    partial[w * D + d] = acc;
+  }
+  __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.0f;
-#pragma unroll 8
-    for (int c = 0; c < chunks; ++c) acc += part[static_cast<std::size_t>(c) * (D + 2) + d] * wts[c];
+    for (int i = 0; i < nw; ++i) acc += partial[i * D + d];
     a.out[rh * D + d] = cuda::from_f<T>(acc / l);
   }
 }
@@ -297,10 +306,11 @@ struct Cuda<Flash<Bc>> {
     if (a.scratch && a.rows <= kSplitMaxRows) {
       const int chunks = static_cast<int>(flash_split_chunks(a.max_keys, Bc));
       detail::launch_flash<T, Bc, true>(a, dim3(a.rows, a.num_kv_heads, chunks), s);
-      const std::size_t smem = static_cast<std::size_t>(chunks) * sizeof(float);
+      constexpr int kCombineThreads = 256;
+      const std::size_t smem = (static_cast<std::size_t>(chunks) + (kCombineThreads / 32) * a.head_dim) * sizeof(float);
       if (smem > 48 * 1024)
         FPF_CUDA(cudaFuncSetAttribute(detail::k_flash_combine<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      detail::k_flash_combine<T><<<dim3(a.rows, a.num_heads), 128, smem, s>>>(a, chunks);
+      detail::k_flash_combine<T><<<dim3(a.rows, a.num_heads), kCombineThreads, smem, s>>>(a, chunks);
       FPF_CUDA_LAUNCH("attention flash (split keys)");
       return;
     }

@@ -336,8 +336,7 @@ class Impl {
       }
       timer_.mark("attention");
       L.o.apply(gemm_, att_.get(), R, tmp_.get(), wscratch_.get(), st);
-      ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H, st);
-      ops::rmsnorm<T>(x_.get(), nullptr, L.post_norm.get(), h_.get(), R, H, eps, st);
+      ops::add_rmsnorm<T>(x_.get(), tmp_.get(), L.post_norm.get(), h_.get(), R, H, eps, st);
       timer_.mark("o+norm");
       if (!L.moe) {
         L.gate_up.apply(gemm_, h_.get(), R, gu_.get(), wscratch_.get(), st);

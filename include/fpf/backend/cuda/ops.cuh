@@ -74,6 +74,34 @@ void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nro
   FPF_CUDA_LAUNCH("rmsnorm");
 }
 
+// The residual add and the next RMSNorm in one kernel (one block per row): x += y (rounded to T, as add), then
+// y_norm = rmsnorm(x) exactly as k_rmsnorm computes it. Same values as add() then rmsnorm(), one launch fewer.
+template <class T>
+__global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const float* __restrict__ w, T* __restrict__ out,
+                              int n, float eps) {
+  __shared__ double scratch[32];
+  T* xr = x + static_cast<std::size_t>(blockIdx.x) * n;
+  const T* yr = y + static_cast<std::size_t>(blockIdx.x) * n;
+  double ss = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const T v = from_f<T>(to_f(xr[i]) + to_f(yr[i]));
+    xr[i] = v;
+    const double d = to_f(v);
+    ss += d * d;
+  }
+  ss = block_sum(ss, scratch);
+  const float mean = static_cast<float>(ss / static_cast<double>(n));
+  const float inv = 1.0f / sqrtf(mean + eps);
+  T* o = out + static_cast<std::size_t>(blockIdx.x) * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
+}
+template <class T>
+void add_rmsnorm(T* x, const T* y, const float* w, T* out, int nrows, int n, float eps, cudaStream_t s = 0) {
+  if (nrows == 0) return;
+  k_add_rmsnorm<T><<<nrows, 256, 0, s>>>(x, y, w, out, n, eps);
+  FPF_CUDA_LAUNCH("add_rmsnorm");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Per-head q/k RMSNorm + RoPE (rotate_half), and the KV-cache store. qkv rows are [q heads | k heads | v heads];
 // q and k are normalized and rotated in place; k and v are also written to the row's sequence cache at its
