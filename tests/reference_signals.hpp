@@ -82,4 +82,18 @@ inline double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num) / std::sqrt(den);
 }
 
+
+// Two runs' signals equal bit for bit (tokens, hidden states, keys, logprobs at every step).
+inline bool bit_identical(const taps::SequenceSignals& a, const taps::SequenceSignals& b) {
+  if (a.steps.size() != b.steps.size()) return false;
+  for (std::size_t s = 0; s < a.steps.size(); ++s) {
+    const auto& x = a.steps[s];
+    const auto& y = b.steps[s];
+    if (x.token_id != y.token_id || x.hidden_states != y.hidden_states || x.key_vectors != y.key_vectors ||
+        x.logprobs != y.logprobs)
+      return false;
+  }
+  return true;
+}
+
 }  // namespace fpf::testing

@@ -51,17 +51,7 @@ Worst check_close(const taps::SequenceSignals& got, const taps::SequenceSignals&
   return w;
 }
 
-bool bit_identical(const taps::SequenceSignals& a, const taps::SequenceSignals& b) {
-  if (a.steps.size() != b.steps.size()) return false;
-  for (std::size_t s = 0; s < a.steps.size(); ++s) {
-    const auto& x = a.steps[s];
-    const auto& y = b.steps[s];
-    if (x.token_id != y.token_id || x.hidden_states != y.hidden_states || x.key_vectors != y.key_vectors ||
-        x.logprobs != y.logprobs)
-      return false;
-  }
-  return true;
-}
+using fpf::testing::bit_identical;
 
 template <class Attention>
 void parity(const std::string& name) {

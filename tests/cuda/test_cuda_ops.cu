@@ -140,131 +140,105 @@ void test_qk_norm_rope(std::uint32_t seed) {
   }
 }
 
-// Attention over two sequences of different lengths; every cache slot a row may not see (later positions, and the
-// unused capacity) holds NaN, so any read of them would show in the output.
+// Query rows over two sequences' KV caches (lengths len[0], len[1], capacity 512 each); every cache slot a row may
+// not see (later positions, and the unused capacity) holds NaN, so any read of them would show in the output.
+template <class T>
+struct AttnCase {
+  int nh, nkv, D, rows;
+  std::vector<std::int32_t> seq, pos;
+  std::vector<float> q;                      // the T values, widened
+  std::vector<std::vector<float>> kh, vh;    // per sequence [len, kv_dim], the T values
+  DeviceBuffer<T> dq, out;
+  std::vector<DeviceBuffer<T>> kd, vd;
+  DeviceBuffer<std::int32_t> dseq, dpos;
+  DeviceBuffer<T*> kt, vt;
+  attn::CudaArgs<T> a;
+
+  AttnCase(int nh_, int nkv_, int D_, std::uint32_t seed, std::vector<std::int32_t> seq_, std::vector<std::int32_t> pos_,
+           const std::vector<int>& len)
+      : nh(nh_), nkv(nkv_), D(D_), rows(static_cast<int>(seq_.size())), seq(std::move(seq_)), pos(std::move(pos_)) {
+    const int kv_dim = nkv * D, q_dim = nh * D, cap = 512;
+    q = randn(static_cast<std::size_t>(rows) * q_dim, seed, 1.0f);
+    kh.resize(2), vh.resize(2);
+    for (int s = 0; s < 2; ++s) {
+      kh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 10 + s, 1.0f);
+      vh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 20 + s, 1.0f);
+      const auto ktv = round_to<T>(kh[s]);
+      const auto vtv = round_to<T>(vh[s]);
+      kd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
+      vd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
+      poison(kd.back());
+      poison(vd.back());
+      kd.back().upload(ktv.data(), ktv.size());
+      vd.back().upload(vtv.data(), vtv.size());
+    }
+    dq = to_device(round_to<T>(q));
+    dseq = to_device(seq);
+    dpos = to_device(pos);
+    kt = to_device(std::vector<T*>{kd[0].get(), kd[1].get()});
+    vt = to_device(std::vector<T*>{vd[0].get(), vd[1].get()});
+    out.resize(static_cast<std::size_t>(rows) * q_dim);
+    poison(out);
+    a.q = dq.get();
+    a.q_stride = q_dim;
+    a.kcache = kt.get();
+    a.vcache = vt.get();
+    a.row_seq = dseq.get();
+    a.row_pos = dpos.get();
+    a.rows = rows;
+    a.num_heads = nh;
+    a.num_kv_heads = nkv;
+    a.head_dim = D;
+    a.max_keys = std::max(len[0], len[1]);
+    a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+    a.out = out.get();
+  }
+
+  // Runs the kernel twice (bit-identical to itself) and returns rel L2 against Policy::cpu.
+  template <class Policy, class Run>
+  double check(Run&& run) {
+    run();
+    const auto got = to_host(out, out.size());
+    const auto bits = raw(out, out.size());
+    run();
+    CHECK(same_bits(bits, raw(out, out.size())));
+    std::vector<float> ref(out.size());
+    const std::size_t q_dim = static_cast<std::size_t>(nh) * D;
+    for (int r = 0; r < rows; ++r)
+      Policy::cpu(attn::CpuArgs{q.data() + r * q_dim, kh[seq[r]].data(), vh[seq[r]].data(), pos[r] + 1, nh, nkv, D, a.scale,
+                                ref.data() + r * q_dim});
+    return rel_l2(got, ref);
+  }
+};
+
+// Decode-like rows: a few positions of each of two sequences (37 and 300 keys).
 template <class Policy, class T>
 void test_attention(int nh, int nkv, int D, std::uint32_t seed, bool split = false) {
-  const int kv_dim = nkv * D, q_dim = nh * D;
-  const std::vector<int> len{37, 300};
-  const int cap = 512;
   std::vector<std::int32_t> seq, pos;
+  const std::vector<int> len{37, 300};
   for (int s = 0; s < 2; ++s)
     for (int p : {0, 1, len[s] / 2, len[s] - 1}) seq.push_back(s), pos.push_back(p);
-  const int rows = static_cast<int>(seq.size());
-  std::vector<float> q = randn(static_cast<std::size_t>(rows) * q_dim, seed, 1.0f);
-  std::vector<std::vector<float>> kh(2), vh(2);
-  std::vector<DeviceBuffer<T>> kd, vd;
-  for (int s = 0; s < 2; ++s) {
-    kh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 10 + s, 1.0f);
-    vh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 20 + s, 1.0f);
-    const auto kt = round_to<T>(kh[s]);
-    const auto vt = round_to<T>(vh[s]);
-    kd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
-    vd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
-    poison(kd.back());
-    poison(vd.back());
-    kd.back().upload(kt.data(), kt.size());
-    vd.back().upload(vt.data(), vt.size());
-  }
-  const auto qt = round_to<T>(q);
-  auto dq = to_device(qt);
-  auto dseq = to_device(seq);
-  auto dpos = to_device(pos);
-  auto kt = to_device(std::vector<T*>{kd[0].get(), kd[1].get()});
-  auto vt = to_device(std::vector<T*>{vd[0].get(), vd[1].get()});
-  DeviceBuffer<T> out(static_cast<std::size_t>(rows) * q_dim);
-  poison(out);
-  attn::CudaArgs<T> a;
-  a.q = dq.get();
-  a.q_stride = q_dim;
-  a.kcache = kt.get();
-  a.vcache = vt.get();
-  a.row_seq = dseq.get();
-  a.row_pos = dpos.get();
-  a.rows = rows;
-  a.num_heads = nh;
-  a.num_kv_heads = nkv;
-  a.head_dim = D;
-  a.max_keys = 300;
-  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-  a.out = out.get();
-  DeviceBuffer<float> scratch(attn::split_scratch_floats(rows, nh, D, a.max_keys));
-  if (split) a.scratch = scratch.get();
-  attn::Cuda<Policy>::template run<T>(a);
-  const auto got = to_host(out, out.size());
-  const auto bits = raw(out, out.size());
-  attn::Cuda<Policy>::template run<T>(a);
-  CHECK(same_bits(bits, raw(out, out.size())));
-  std::vector<float> ref(out.size());
-  for (int r = 0; r < rows; ++r)
-    Policy::cpu(attn::CpuArgs{q.data() + static_cast<std::size_t>(r) * q_dim, kh[seq[r]].data(), vh[seq[r]].data(), pos[r] + 1, nh,
-                              nkv, D, a.scale, ref.data() + static_cast<std::size_t>(r) * q_dim});
-  const double e = rel_l2(got, ref);
+  AttnCase<T> c(nh, nkv, D, seed, seq, pos, len);
+  DeviceBuffer<float> scratch(attn::split_scratch_floats(c.rows, nh, D, c.a.max_keys));
+  if (split) c.a.scratch = scratch.get();
+  const double e = c.template check<Policy>([&] { attn::Cuda<Policy>::template run<T>(c.a); });
   MESSAGE("attention " << Policy::name << std::string(split ? " split-keys " : " ") << dtype_name(dtype_of<T>()) << " nh " << nh << " nkv " << nkv << " D " << D
                        << ": rel L2 " << e);
   CHECK(e <= tolerance<T>());
 }
 
 // The flash prefill entry (run_prefill: tensor cores for bf16/fp16 at head_dim 64/128, else the SIMT kernel): two
-// sequences, the second continuing a cached prefix of 250 keys; unused cache slots hold NaN. bf16/fp16 round the
-// tile's probabilities to T before the P V product, one rounding more than the SIMT kernel: bound 2u.
+// sequences, the second continuing a cached prefix of 250 keys. bf16/fp16 round the tile's probabilities to T before
+// the P V product, one rounding more than the SIMT kernel: bound 2u.
 template <class T>
 void test_flash_prefill(int nh, int nkv, int D, std::uint32_t seed) {
-  const int kv_dim = nkv * D, q_dim = nh * D, cap = 512;
   const int n0 = 37, p1 = 250, n1 = 50;
   std::vector<std::int32_t> seq, pos;
   for (int t = 0; t < n0; ++t) seq.push_back(0), pos.push_back(t);
   for (int t = 0; t < n1; ++t) seq.push_back(1), pos.push_back(p1 + t);
-  const int rows = n0 + n1;
-  const std::vector<int> len{n0, p1 + n1};
-  std::vector<float> q = randn(static_cast<std::size_t>(rows) * q_dim, seed, 1.0f);
-  std::vector<std::vector<float>> kh(2), vh(2);
-  std::vector<DeviceBuffer<T>> kd, vd;
-  for (int s = 0; s < 2; ++s) {
-    kh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 10 + s, 1.0f);
-    vh[s] = randn(static_cast<std::size_t>(len[s]) * kv_dim, seed + 20 + s, 1.0f);
-    const auto kt = round_to<T>(kh[s]);
-    const auto vt = round_to<T>(vh[s]);
-    kd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
-    vd.emplace_back(static_cast<std::size_t>(cap) * kv_dim);
-    poison(kd.back());
-    poison(vd.back());
-    kd.back().upload(kt.data(), kt.size());
-    vd.back().upload(vt.data(), vt.size());
-  }
-  const auto qt = round_to<T>(q);
-  auto dq = to_device(qt);
-  auto dseq = to_device(seq);
-  auto dpos = to_device(pos);
-  auto kt = to_device(std::vector<T*>{kd[0].get(), kd[1].get()});
-  auto vt = to_device(std::vector<T*>{vd[0].get(), vd[1].get()});
-  DeviceBuffer<T> out(static_cast<std::size_t>(rows) * q_dim);
-  poison(out);
-  attn::CudaArgs<T> a;
-  a.q = dq.get();
-  a.q_stride = q_dim;
-  a.kcache = kt.get();
-  a.vcache = vt.get();
-  a.row_seq = dseq.get();
-  a.row_pos = dpos.get();
-  a.rows = rows;
-  a.num_heads = nh;
-  a.num_kv_heads = nkv;
-  a.head_dim = D;
-  a.max_keys = p1 + n1;
-  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-  a.out = out.get();
+  AttnCase<T> c(nh, nkv, D, seed, seq, pos, {n0, p1 + n1});
   const std::vector<attn::FlashSeq> segs{{0, n0}, {n0, n1}};
-  attn::Cuda<attn::Flash<16>>::run_prefill<T>(a, segs);
-  const auto got = to_host(out, out.size());
-  const auto bits = raw(out, out.size());
-  attn::Cuda<attn::Flash<16>>::run_prefill<T>(a, segs);
-  CHECK(same_bits(bits, raw(out, out.size())));
-  std::vector<float> ref(out.size());
-  for (int r = 0; r < rows; ++r)
-    attn::Flash<16>::cpu(attn::CpuArgs{q.data() + static_cast<std::size_t>(r) * q_dim, kh[seq[r]].data(), vh[seq[r]].data(), pos[r] + 1,
-                                       nh, nkv, D, a.scale, ref.data() + static_cast<std::size_t>(r) * q_dim});
-  const double e = rel_l2(got, ref);
+  const double e = c.template check<attn::Flash<16>>([&] { attn::Cuda<attn::Flash<16>>::run_prefill<T>(c.a, segs); });
   MESSAGE("attention flash prefill " << dtype_name(dtype_of<T>()) << " nh " << nh << " nkv " << nkv << " D " << D << ": rel L2 " << e);
   CHECK(e <= 2 * tolerance<T>());
 }

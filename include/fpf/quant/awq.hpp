@@ -110,11 +110,7 @@ struct Awq {
       const std::int64_t K = s.K, N = s.N, G = s.G, P = N / 8, W = K / 8, ng = K / G;
       const std::byte* qw = s.qweight->bytes.data();
       const std::byte* qz = s.qzeros->bytes.data();
-      auto word = [](const std::byte* base, std::int64_t i) {
-        std::uint32_t v;
-        std::memcpy(&v, base + i * 4, 4);
-        return v;
-      };
+      using detail::u32_at;
       Packed4 p;
       p.code = Packed4::Code::Affine;
       p.N = N, p.K = K, p.G = G;
@@ -125,7 +121,7 @@ struct Awq {
         for (std::int64_t c = 0; c < P; ++c) {
           std::uint32_t out[8] = {};
           for (int i = 0; i < 8; ++i) {  // input channel 8w + i
-            const std::uint32_t src = word(qw, (8 * w + i) * P + c);
+            const std::uint32_t src = u32_at(qw, (8 * w + i) * P + c);
             for (int j = 0; j < 8; ++j)
               out[j] |= static_cast<std::uint32_t>(awq_nibble(static_cast<std::int32_t>(src), j)) << (4 * i);
           }
@@ -138,7 +134,7 @@ struct Awq {
         for (std::int64_t n = 0; n < N; ++n) {
           p.scales[static_cast<std::size_t>(n * ng + g)] = sc[static_cast<std::size_t>(g * N + n)];
           p.zeros[static_cast<std::size_t>(n * ng + g)] =
-              static_cast<std::uint8_t>(awq_nibble(static_cast<std::int32_t>(word(qz, g * P + n / 8)), static_cast<int>(n % 8)));
+              static_cast<std::uint8_t>(awq_nibble(static_cast<std::int32_t>(u32_at(qz, g * P + n / 8)), static_cast<int>(n % 8)));
         }
       return p;
     };

@@ -78,4 +78,11 @@ inline std::vector<float> read_f32(const io::TensorInfo& t) {
 
 inline std::string i64s(std::int64_t v) { return std::to_string(v); }
 
+// Little-endian u32 element i of a tensor's bytes (no alignment assumed).
+inline std::uint32_t u32_at(const std::byte* base, std::int64_t i) {
+  std::uint32_t v;
+  std::memcpy(&v, base + i * 4, 4);
+  return v;
+}
+
 }  // namespace fpf::quant::detail

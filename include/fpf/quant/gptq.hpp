@@ -129,11 +129,7 @@ struct Gptq {
       const std::int64_t K = s.K, N = s.N, W = K / 8, ng = s.ng, P = N / 8;
       const std::byte* qw = s.qweight->bytes.data();
       const std::byte* qz = s.qzeros->bytes.data();
-      auto word = [](const std::byte* base, std::int64_t i) {
-        std::uint32_t v;
-        std::memcpy(&v, base + i * 4, 4);
-        return v;
-      };
+      using detail::u32_at;
       Packed4 p;
       p.code = Packed4::Code::Affine;
       p.N = N, p.K = K, p.G = s.G;
@@ -141,13 +137,13 @@ struct Gptq {
       p.words.assign(static_cast<std::size_t>(N * W), 0u);
       if (perm.empty()) {
         for (std::int64_t w = 0; w < W; ++w)
-          for (std::int64_t n = 0; n < N; ++n) p.words[static_cast<std::size_t>(n * W + w)] = word(qw, w * N + n);
+          for (std::int64_t n = 0; n < N; ++n) p.words[static_cast<std::size_t>(n * W + w)] = u32_at(qw, w * N + n);
       } else {
         for (std::int64_t kk = 0; kk < K; ++kk) {
           const std::int64_t k = perm[static_cast<std::size_t>(kk)];
           for (std::int64_t n = 0; n < N; ++n)
             p.words[static_cast<std::size_t>(n * W + kk / 8)] |=
-                static_cast<std::uint32_t>(gptq_nibble(static_cast<std::int32_t>(word(qw, (k / 8) * N + n)), static_cast<int>(k % 8)))
+                static_cast<std::uint32_t>(gptq_nibble(static_cast<std::int32_t>(u32_at(qw, (k / 8) * N + n)), static_cast<int>(k % 8)))
                 << (4 * (kk % 8));
         }
       }
@@ -159,7 +155,7 @@ struct Gptq {
         for (std::int64_t n = 0; n < N; ++n) {
           p.scales[static_cast<std::size_t>(n * ng + g)] = sc[static_cast<std::size_t>(g * N + n)];
           p.zeros[static_cast<std::size_t>(n * ng + g)] = static_cast<std::uint8_t>(
-              gptq_nibble(static_cast<std::int32_t>(word(qz, g * P + n / 8)), static_cast<int>(n % 8)) + zero_offset);
+              gptq_nibble(static_cast<std::int32_t>(u32_at(qz, g * P + n / 8)), static_cast<int>(n % 8)) + zero_offset);
         }
       return p;
     };
