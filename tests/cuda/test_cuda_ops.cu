@@ -237,8 +237,11 @@ void test_flash_prefill(int nh, int nkv, int D, std::uint32_t seed) {
   for (int t = 0; t < n0; ++t) seq.push_back(0), pos.push_back(t);
   for (int t = 0; t < n1; ++t) seq.push_back(1), pos.push_back(p1 + t);
   AttnCase<T> c(nh, nkv, D, seed, seq, pos, {n0, p1 + n1});
-  const std::vector<attn::FlashSeq> segs{{0, n0}, {n0, n1}};
-  const double e = c.template check<attn::Flash<16>>([&] { attn::Cuda<attn::Flash<16>>::run_prefill<T>(c.a, segs); });
+  const std::vector<attn::PrefillSeq<T>> segs{{0, n0, 0, c.kd[0].get(), c.vd[0].get()}, {n0, n1, p1, c.kd[1].get(), c.vd[1].get()}};
+  static Gemm gemm;
+  DeviceBuffer<float> S;
+  DeviceBuffer<T> P;
+  const double e = c.template check<attn::Flash<16>>([&] { attn::Cuda<attn::Flash<16>>::run_prefill<T>(c.a, segs, {gemm, S, P}); });
   MESSAGE("attention flash prefill " << dtype_name(dtype_of<T>()) << " nh " << nh << " nkv " << nkv << " D " << D << ": rel L2 " << e);
   CHECK(e <= 2 * tolerance<T>());
 }
@@ -278,13 +281,13 @@ void test_eager_gemm(int nh, int nkv, int D, std::uint32_t seed) {
   a.max_keys = 64;
   a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   a.out = out.get();
-  std::vector<attn::EagerSeq<T>> segs{{0, rows[0], p0[0], kd[0].get(), vd[0].get()}, {rows[0], rows[1], p0[1], kd[1].get(), vd[1].get()}};
+  std::vector<attn::PrefillSeq<T>> segs{{0, rows[0], p0[0], kd[0].get(), vd[0].get()}, {rows[0], rows[1], p0[1], kd[1].get(), vd[1].get()}};
   DeviceBuffer<float> S;
   DeviceBuffer<T> P;
-  attn::Cuda<attn::Eager>::run_gemm<T>(a, segs, gemm, S, P);
+  attn::Cuda<attn::Eager>::run_prefill<T>(a, segs, {gemm, S, P});
   const auto got = to_host(out, out.size());
   const auto bits = raw(out, out.size());
-  attn::Cuda<attn::Eager>::run_gemm<T>(a, segs, gemm, S, P);
+  attn::Cuda<attn::Eager>::run_prefill<T>(a, segs, {gemm, S, P});
   CHECK(same_bits(bits, raw(out, out.size())));
   std::vector<float> ref(out.size());
   for (int r = 0; r < R; ++r)

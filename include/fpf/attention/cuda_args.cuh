@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include <fpf/backend/cuda/common.cuh>
+#include <fpf/backend/cuda/gemm.cuh>
 #include <fpf/backend/cuda/ops.cuh>
 
 namespace fpf::attn {
@@ -46,7 +47,25 @@ inline std::size_t split_scratch_floats(int rows, int num_heads, int head_dim, i
   return static_cast<std::size_t>(rows) * num_heads * (eager > flash ? eager : flash);
 }
 
+// Prefill (many rows): the batch's sequences, each a run of consecutive rows of the CudaArgs: rows [first_row,
+// first_row + rows) at positions p0.., with that sequence's caches.
+template <class T>
+struct PrefillSeq {
+  int first_row = 0, rows = 0, p0 = 0;
+  const T* k = nullptr;
+  const T* v = nullptr;
+};
+
+// What a prefill kernel may use besides its arguments: the model's cuBLASLt handle and two scratch buffers.
+template <class T>
+struct PrefillWork {
+  cuda::Gemm& gemm;
+  cuda::DeviceBuffer<float>& scores;
+  cuda::DeviceBuffer<T>& probs;
+};
+
 template <class A>
-struct Cuda;  // Cuda<Policy>::run<T>(args, stream): the policy's CUDA kernel (eager.cuh, flash.cuh)
+struct Cuda;  // Cuda<Policy>::run<T>(args, stream) (any rows) and run_prefill<T>(args, seqs, work, stream): the
+              // policy's CUDA kernels (eager.cuh, flash.cuh)
 
 }  // namespace fpf::attn

@@ -145,24 +145,19 @@ __global__ void k_eager_softmax_rows(const float* __restrict__ S, int n, int ld,
 
 }  // namespace detail
 
-// One sequence's rows for the prefill path: rows [first_row, first_row + rows) at positions p0.., and its caches.
-template <class T>
-struct EagerSeq {
-  int first_row = 0, rows = 0, p0 = 0;
-  const T* k = nullptr;
-  const T* v = nullptr;
-};
-
 template <>
 struct Cuda<Eager> {
   // Prefill (many rows): HF's eager exactly: per sequence and head, the scores S = scale * Q K^T materialized in fp32
   // by one product (cuBLASLt, fp32 accumulation), the causal softmax in fp32 rounded to T, then O = P V by a second
   // product. The full [rows, keys] square is computed; the masked part gets probability 0.
   template <class T>
-  static void run_gemm(const CudaArgs<T>& a, const std::vector<EagerSeq<T>>& seqs, cuda::Gemm& gemm,
-                       cuda::DeviceBuffer<float>& S, cuda::DeviceBuffer<T>& P, cudaStream_t s = 0) {
+  static void run_prefill(const CudaArgs<T>& a, const std::vector<PrefillSeq<T>>& seqs, PrefillWork<T> w,
+                          cudaStream_t s = 0) {
+    cuda::Gemm& gemm = w.gemm;
+    cuda::DeviceBuffer<float>& S = w.scores;
+    cuda::DeviceBuffer<T>& P = w.probs;
     const int D = a.head_dim, G = a.num_heads / a.num_kv_heads, kv_dim = a.num_kv_heads * D, q_dim = a.num_heads * D;
-    for (const EagerSeq<T>& sq : seqs) {
+    for (const PrefillSeq<T>& sq : seqs) {
       if (sq.rows == 0) continue;
       const int n = sq.p0 + sq.rows, ld = (n + 7) / 8 * 8;
       S.resize(static_cast<std::size_t>(sq.rows) * ld);

@@ -17,11 +17,6 @@
 
 namespace fpf::attn {
 
-// One sequence's rows of a prefill batch: rows [first_row, first_row + rows) of the CudaArgs, all of one sequence.
-struct FlashSeq {
-  int first_row = 0, rows = 0;
-};
-
 namespace detail {
 
 template <class T, int Bc, int DR, bool Split>
@@ -321,7 +316,7 @@ struct Cuda<Flash<Bc>> {
   // Prefill of whole sequences (segs: each sequence's rows, consecutive in a): on tensor cores for bf16/fp16 with
   // Bc = 16 and head_dim 64 or 128 (k_flash_tc), else run().
   template <class T>
-  static void run_prefill(const CudaArgs<T>& a, const std::vector<FlashSeq>& segs, cudaStream_t s = 0) {
+  static void run_prefill(const CudaArgs<T>& a, const std::vector<PrefillSeq<T>>& segs, PrefillWork<T>, cudaStream_t s = 0) {
     const int G = a.num_heads / a.num_kv_heads;
     if constexpr (!std::is_same_v<T, float> && Bc == 16) {
       if ((a.head_dim == 128 || a.head_dim == 64) && a.num_heads % a.num_kv_heads == 0 && G <= 16) {
@@ -332,7 +327,7 @@ struct Cuda<Flash<Bc>> {
             FPF_CUDA(cudaFuncSetAttribute(detail::k_flash_tc<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
             raised = smem;
           }
-          for (const FlashSeq& sq : segs)
+          for (const PrefillSeq<T>& sq : segs)
             if (sq.rows > 0)
               detail::k_flash_tc<T, D><<<dim3((sq.rows + 15) / 16, a.num_kv_heads), 32 * G, smem, s>>>(a, sq.first_row, sq.rows);
         };

@@ -7,6 +7,7 @@
 
 #include <fpf/core/error.hpp>
 #include <fpf/model/weights.hpp>
+#include <fpf/quant/packed.hpp>
 
 namespace fpf::quant {
 
@@ -14,6 +15,12 @@ struct Dense {
   static constexpr std::string_view name = "dense";
 
   static bool stores(const model::WeightReader& r, const std::string& module) { return r.has(module + ".weight"); }
+
+  // Never a 4-bit module (the backends then read `<m>.weight` as it is stored); packer exists for the interface.
+  static bool quantized(const model::WeightReader&, const std::string&) { return false; }
+  static Packer packer(model::WeightReader&, const std::string& module, std::int64_t, std::int64_t) {
+    throw Error(module, "quant::Dense stores no packed modules");
+  }
 
   // The module's weight as fp32, row-major [out, in].
   static std::vector<float> linear_f32(model::WeightReader& r, const std::string& module, std::int64_t out,

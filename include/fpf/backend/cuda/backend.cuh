@@ -167,14 +167,10 @@ struct QuantFns {
 };
 template <class Quant>
 QuantFns quant_fns() {
-  if constexpr (std::is_same_v<Quant, quant::Dense>) {
-    return {[](const model::WeightReader&, const std::string&) { return false; }, nullptr};
-  } else {
-    return {[](const model::WeightReader& r, const std::string& m) { return Quant::quantized(r, m); },
-            [](model::WeightReader& r, const std::string& m, std::int64_t out, std::int64_t in) {
-              return Quant::packer(r, m, out, in);
-            }};
-  }
+  return {[](const model::WeightReader& r, const std::string& m) { return Quant::quantized(r, m); },
+          [](model::WeightReader& r, const std::string& m, std::int64_t out, std::int64_t in) {
+            return Quant::packer(r, m, out, in);
+          }};
 }
 
 // The whole model for one storage type and one attention policy.
@@ -317,22 +313,14 @@ class Impl {
         a.scratch = attn_scratch_.get();
       }
       timer_.mark("qknorm_rope");
-      if constexpr (std::is_same_v<Attention, attn::Eager>) {
-        if (R > attn::kSplitMaxRows) {  // prefill: materialized scores through cuBLASLt, per sequence and head
-          std::vector<attn::EagerSeq<T>> segs;
-          for (int b = 0; b < B; ++b)
-            segs.push_back({first_row[b], static_cast<int>(chunks[static_cast<std::size_t>(b)].tokens.size()), p0[b],
-                            seqs_[b].k[static_cast<std::size_t>(l)].get(), seqs_[b].v[static_cast<std::size_t>(l)].get()});
-          attn::Cuda<attn::Eager>::run_gemm<T>(a, segs, gemm_, eager_s_, eager_p_);
-        } else {
-          attn::Cuda<Attention>::template run<T>(a, st);
-        }
-      } else if (!decode) {  // prefill: tensor cores where the policy has a kernel for them
-        std::vector<attn::FlashSeq> segs;
-        for (int b = 0; b < B; ++b) segs.push_back({first_row[b], static_cast<int>(chunks[static_cast<std::size_t>(b)].tokens.size())});
-        attn::Cuda<Attention>::template run_prefill<T>(a, segs, st);
-      } else {
+      if (decode) {
         attn::Cuda<Attention>::template run<T>(a, st);
+      } else {  // prefill: the policy's whole-sequence path (cuBLASLt for eager, tensor cores for flash)
+        std::vector<attn::PrefillSeq<T>> segs;
+        for (int b = 0; b < B; ++b)
+          segs.push_back({first_row[b], static_cast<int>(chunks[static_cast<std::size_t>(b)].tokens.size()), p0[b],
+                          seqs_[b].k[static_cast<std::size_t>(l)].get(), seqs_[b].v[static_cast<std::size_t>(l)].get()});
+        attn::Cuda<Attention>::template run_prefill<T>(a, segs, {gemm_, prefill_s_, prefill_p_}, st);
       }
       timer_.mark("attention");
       L.o.apply(gemm_, att_.get(), R, tmp_.get(), wscratch_.get(), st);
@@ -664,8 +652,8 @@ class Impl {
   bool tables_dirty_ = true;
   DeviceBuffer<T*> kptr_, vptr_;
   DeviceBuffer<std::int32_t> meta_, route_ids_, top_;
-  DeviceBuffer<float> route_wts_, stage_, top_lp_, attn_scratch_, eager_s_;
-  DeviceBuffer<T> eager_p_;
+  DeviceBuffer<float> route_wts_, stage_, top_lp_, attn_scratch_, prefill_s_;
+  DeviceBuffer<T> prefill_p_;
   DeviceBuffer<T> x_, h_, tmp_, qkv_, att_, gu_, act_, ye_, xg_, rlogits_, hc_, logits_;
   DeviceBuffer<T> wscratch_;  // a packed matrix dequantized for the prefill product
 };

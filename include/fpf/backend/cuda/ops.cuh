@@ -50,6 +50,14 @@ void embed(const std::int32_t* ids, int rows, const T* table, T* x, int H, cudaS
 // RMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)); the mean of squares in double as the CPU reference. Optional row
 // map: row r of y is row rows[r] of x.
 // ---------------------------------------------------------------------------------------------------------------
+// The second half of an RMSNorm row, given its sum of squares (double, fixed order): y = w * (x * rsqrt(mean + eps)).
+template <class T>
+__device__ __forceinline__ void rmsnorm_write(const T* xr, const float* __restrict__ w, T* __restrict__ yr, int n, double ss,
+                                              float eps) {
+  const float mean = static_cast<float>(ss / static_cast<double>(n));
+  const float inv = 1.0f / sqrtf(mean + eps);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
+}
 template <class T>
 __global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restrict__ rows, const float* __restrict__ w,
                           T* __restrict__ y, int n, float eps) {
@@ -61,11 +69,7 @@ __global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restric
     const double v = to_f(xr[i]);
     ss += v * v;
   }
-  ss = block_sum(ss, scratch);
-  const float mean = static_cast<float>(ss / static_cast<double>(n));
-  const float inv = 1.0f / sqrtf(mean + eps);
-  T* yr = y + static_cast<std::size_t>(blockIdx.x) * n;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
+  rmsnorm_write(xr, w, y + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
 }
 template <class T>
 void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nrows, int n, float eps, cudaStream_t s = 0) {
@@ -89,11 +93,7 @@ __global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const 
     const double d = to_f(v);
     ss += d * d;
   }
-  ss = block_sum(ss, scratch);
-  const float mean = static_cast<float>(ss / static_cast<double>(n));
-  const float inv = 1.0f / sqrtf(mean + eps);
-  T* o = out + static_cast<std::size_t>(blockIdx.x) * n;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
+  rmsnorm_write(xr, w, out + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
 }
 template <class T>
 void add_rmsnorm(T* x, const T* y, const float* w, T* out, int nrows, int n, float eps, cudaStream_t s = 0) {
