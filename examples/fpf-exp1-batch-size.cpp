@@ -24,8 +24,7 @@
 #include <fpf/text/prompt.hpp>
 
 #include "common/cli.hpp"
-
-namespace fs = std::filesystem;
+#include "common/experiment.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"fpf-exp1-batch-size: batch size 1, 2, 4 (experiment 1)"};
@@ -47,8 +46,7 @@ int main(int argc, char** argv) {
     const fpf::Precision precision = r.precision;
     const std::string& model_dir = run.model_dir;
     const std::string& backend = run.backend;
-    const std::string& hardware = run.hardware;
-    const int steps = run.steps, reps = run.reps;
+    const int steps = run.steps;
     const auto corpus = fpf::examples::load_corpus(prompt_opts, model_dir);
     const auto& tok = corpus.tok;
     const fpf::text::Prompt prompt = corpus.prompt();
@@ -72,48 +70,15 @@ int main(int argc, char** argv) {
       fpf::Engine<S> engine(model_dir, fpf::EngineOptions{precision});
       auto run_one = [&](int bs) {
         const std::vector<std::vector<std::int32_t>> prompts(all.begin(), all.begin() + bs);
-        auto conf = fpf::describe_configuration("", backend, precision, S::attention::name, S::quant::name, bs);
-        if (!hardware.empty()) conf.hardware = hardware;
+        auto conf = fpf::examples::configuration<S>(run, precision, bs, "_bs" + std::to_string(bs), std::int64_t{bs});
         hw = conf.hardware;
-        conf.config_id = fpf::config_prefix(conf) + "_bs" + std::to_string(bs);
-        conf.variable_value = std::int64_t{bs};
-        std::fprintf(stderr, "%s: prompt %zu tokens, %d steps x %d reps on %s\n", conf.config_id.c_str(), prompt.length(),
-                     steps, reps, conf.hardware.c_str());
-        auto result = fpf::experiment::run_configuration(
-            conf,
-            [&](int) {
-              auto seqs = engine.generate(prompts, steps, spec);
-              fpf::attach_text(tok, seqs);
-              return seqs;
-            },
-            fpf::experiment::RunOptions{reps});
-        const auto& c = result.configuration;
-        std::printf("%s: %s, %.3f s per rep\n", c.config_id.c_str(),
-                    c.determinism->bit_exact ? "reps bit-identical" : c.determinism->first_difference.c_str(),
-                    c.timing->runtime_seconds_mean);
-        fpf::experiment::add_result(file, std::move(result));
+        fpf::examples::run_and_add(file, std::move(conf), engine, prompts, r, run, tok, "");
       };
       for (int bs : batches) run_one(bs);
-      const fs::path ref = fs::path(out_dir) / "reference_baseline.json";
-      bool fused = false;
-      if (fs::exists(ref)) {
-        try {
-          fpf::experiment::ExperimentFile with_ref = file;  // fuse_reference may throw half-way
-          fpf::experiment::fuse_reference(with_ref, fpf::experiment::read_experiment(ref), std::int64_t{1}, ref.string(), hw);
-          file = std::move(with_ref);
-          fused = true;
-          std::printf("bs1: reference configuration fused from %s\n", ref.string().c_str());
-        } catch (const fpf::Error& e) {
-          std::fprintf(stderr, "not fusing %s (%s); running batch 1 here\n", ref.string().c_str(), e.what());
-        }
-      }
-      if (!fused) run_one(1);
+      if (!fpf::examples::fuse_reference_from(file, out_dir, std::int64_t{1}, hw, "bs1")) run_one(1);
       return 0;
     });
-    fs::create_directories(out_dir);
-    const fs::path out = fs::path(out_dir) / "batch_size_experiment.json";
-    fpf::experiment::write_checked(out, file);
-    std::printf("wrote %s\n", out.string().c_str());
+    fpf::examples::write_experiment_file(file, out_dir, "batch_size_experiment.json");
     return fpf::kExitOk;
   });
 }

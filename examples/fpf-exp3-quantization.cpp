@@ -30,6 +30,7 @@
 #include <fpf/text/prompt.hpp>
 
 #include "common/cli.hpp"
+#include "common/experiment.hpp"
 
 namespace fs = std::filesystem;
 
@@ -89,8 +90,7 @@ int main(int argc, char** argv) {
     const fpf::Precision precision = r.precision;
     const std::string& model_dir = run.model_dir;
     const std::string& backend = run.backend;
-    const std::string& hardware = run.hardware;
-    const int steps = run.steps, reps = run.reps;
+    const int steps = run.steps;
     require_scheme(model_dir, "--model", "awq");
     require_scheme(gptq_dir, "--gptq", "gptq");
     require_scheme(nf4_dir, "--nf4", "nf4");
@@ -113,55 +113,24 @@ int main(int argc, char** argv) {
     auto run_one = [&](const std::string& dir, const std::string& method, const std::string& suffix) {
       fpf::with_setup_for(dir, backend, "flash", [&]<class S>() {
         fpf::Engine<S> engine(dir, fpf::EngineOptions{precision});
-        auto conf = fpf::describe_configuration("", backend, precision, S::attention::name, S::quant::name, 1);
-        if (!hardware.empty()) conf.hardware = hardware;
+        auto conf = fpf::examples::configuration<S>(run, precision, 1, suffix, method);
         hw = conf.hardware;
-        conf.config_id = fpf::config_prefix(conf) + suffix;
-        conf.variable_value = method;
-        std::fprintf(stderr, "%s: %s, prompt %zu tokens, %d steps x %d reps on %s\n", conf.config_id.c_str(),
-                     dir.c_str(), prompt.length(), steps, reps, conf.hardware.c_str());
-        auto result = fpf::experiment::run_configuration(
-            conf,
-            [&](int) {
-              auto seqs = engine.generate(prompts, steps, spec);
-              fpf::attach_text(tok, seqs);
-              return seqs;
-            },
-            fpf::experiment::RunOptions{reps});
-        const auto& c = result.configuration;
-        std::printf("%s: %s, %.3f s per rep\n", c.config_id.c_str(),
-                    c.determinism->bit_exact ? "reps bit-identical" : c.determinism->first_difference.c_str(),
-                    c.timing->runtime_seconds_mean);
-        fpf::experiment::add_result(file, std::move(result));
+        fpf::examples::run_and_add(file, std::move(conf), engine, prompts, r, run, tok, dir + ", ");
         return 0;
       });
     };
     run_one(gptq_dir, "gptq", "_gptq");
     run_one(nf4_dir, "bnb", "_bnb-nf4");
-    const fs::path ref = fs::path(out_dir) / "reference_baseline.json";
-    bool fused = false;
-    if (fs::exists(ref)) {
-      try {
-        const fpf::experiment::ExperimentFile reference = fpf::experiment::read_experiment(ref);
-        // A reference measured on a dense (or other) checkpoint is not the AWQ baseline, whatever its model name.
-        for (std::size_t i = 0; i < reference.configurations.size(); ++i)
-          if (const auto& c = reference.configurations[i]; c.hardware == hw && c.fixed_params.quantization != "awq")
-            throw fpf::Error(ref.string() + ": configurations[" + std::to_string(i) + "].fixed_params.quantization",
-                             "is '" + c.fixed_params.quantization + "', not awq");
-        fpf::experiment::ExperimentFile with_ref = file;  // fuse_reference may throw half-way
-        fpf::experiment::fuse_reference(with_ref, reference, std::string("awq"), ref.string(), hw);
-        file = std::move(with_ref);
-        fused = true;
-        std::printf("awq: reference configuration fused from %s\n", ref.string().c_str());
-      } catch (const fpf::Error& e) {
-        std::fprintf(stderr, "not fusing %s (%s); running awq here\n", ref.string().c_str(), e.what());
-      }
-    }
-    if (!fused) run_one(model_dir, "awq", "_awq");
-    fs::create_directories(out_dir);
-    const fs::path out = fs::path(out_dir) / "quantization_experiment.json";
-    fpf::experiment::write_checked(out, file);
-    std::printf("wrote %s\n", out.string().c_str());
+    // A reference measured on a dense (or other) checkpoint is not the AWQ baseline, whatever its model name.
+    auto awq_only = [&](const fpf::experiment::ExperimentFile& reference, const std::string& where) {
+      for (std::size_t i = 0; i < reference.configurations.size(); ++i)
+        if (const auto& c = reference.configurations[i]; c.hardware == hw && c.fixed_params.quantization != "awq")
+          throw fpf::Error(where + ": configurations[" + std::to_string(i) + "].fixed_params.quantization",
+                           "is '" + c.fixed_params.quantization + "', not awq");
+    };
+    if (!fpf::examples::fuse_reference_from(file, out_dir, std::string("awq"), hw, "awq", awq_only))
+      run_one(model_dir, "awq", "_awq");
+    fpf::examples::write_experiment_file(file, out_dir, "quantization_experiment.json");
     return fpf::kExitOk;
   });
 }

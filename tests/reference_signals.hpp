@@ -3,7 +3,10 @@
 // taps::SequenceSignals the engine produces, and compares the two with the tolerances.
 #include <boost/json.hpp>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -94,6 +97,15 @@ inline bool bit_identical(const taps::SequenceSignals& a, const taps::SequenceSi
       return false;
   }
   return true;
+}
+
+
+// Elements of two equally long fp32 vectors whose bits differ (0: bit-identical; -0 and +0 differ).
+inline std::size_t bit_differences(const std::vector<float>& a, const std::vector<float>& b) {
+  std::size_t n = a.size() == b.size() ? 0 : std::max(a.size(), b.size());
+  for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+    n += std::bit_cast<std::uint32_t>(a[i]) != std::bit_cast<std::uint32_t>(b[i]);
+  return n;
 }
 
 }  // namespace fpf::testing

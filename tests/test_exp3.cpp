@@ -13,25 +13,18 @@
 
 #include <fpf/experiment/json.hpp>
 
+#include "program_util.hpp"
+
 namespace fs = std::filesystem;
 
 namespace {
 
 const fs::path kWork = fs::path(FPF_BINARY_DIR) / "test-tmp" / "exp3";
 
-int run(const std::string& program, const std::string& args, const std::string& log) {
-  fs::create_directories(kWork);
-  const std::string cmd = std::string(FPF_BINARY_DIR) + "/bin/" + program + " " + args + " > " +
-                          (kWork / (log + ".stdout")).string() + " 2> " + (kWork / (log + ".stderr")).string();
-  const int status = std::system(cmd.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+using fpf::testing::slurp;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+int run(const std::string& program, const std::string& args, const std::string& log) {
+  return fpf::testing::run_program(program, args, kWork / (log + ".stdout"), kWork / (log + ".stderr"));
 }
 
 // The embedded model in each scheme, made once per test case (CTest runs the test cases in parallel processes, so

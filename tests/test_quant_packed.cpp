@@ -14,6 +14,8 @@
 #include <fpf/quant/nf4.hpp>
 #include <fpf/quant/packed.hpp>
 
+#include "reference_signals.hpp"
+
 using namespace fpf;
 namespace fs = std::filesystem;
 
@@ -41,8 +43,7 @@ void check_packed(const std::string& name, bool expect_perm) {
     permuted += !p.perm.empty();
     const std::vector<float> got = quant::dequantize(p);
     const std::vector<float> want = model::WeightReader::widen(info, 0, static_cast<std::size_t>(info.numel()));
-    std::size_t differ = 0;
-    for (std::size_t i = 0; i < got.size(); ++i) differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(want[i]);
+    const std::size_t differ = testing::bit_differences(got, want);
     CAPTURE(module);
     CHECK(differ == 0);
     ++compared;

@@ -95,8 +95,7 @@ void check_fixture(const std::string& name) {
     const std::string module = t.substr(0, t.size() - std::string(".weight").size());
     const std::vector<float> got = Quant::linear_f32(r, module, info.shape[0], info.shape[1]);
     const std::vector<float> want = model::WeightReader::widen(info, 0, static_cast<std::size_t>(info.numel()));
-    std::size_t differ = 0;
-    for (std::size_t i = 0; i < got.size(); ++i) differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(want[i]);
+    const std::size_t differ = testing::bit_differences(got, want);
     CAPTURE(module);
     CHECK(differ == 0);
     ++compared;

@@ -12,24 +12,17 @@
 
 #include <fpf/fpf.hpp>
 
+#include "program_util.hpp"
+
 namespace fs = std::filesystem;
 using namespace fpf;
 
 namespace {
 
-int synth(const std::string& args) {
-  const std::string cmd = std::string(FPF_BINARY_DIR) + "/bin/fpf-synth " + args + " > /dev/null 2> " +
-                          (fs::path(FPF_BINARY_DIR) / "test-tmp" / "synth-stderr.txt").string();
-  fs::create_directories(fs::path(FPF_BINARY_DIR) / "test-tmp");
-  const int status = std::system(cmd.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+using fpf::testing::slurp;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+int synth(const std::string& args) {
+  return fpf::testing::run_program("fpf-synth", args, "/dev/null", fs::path(FPF_BINARY_DIR) / "test-tmp" / "synth-stderr.txt");
 }
 
 fs::path tmp(const std::string& name) {

@@ -17,6 +17,8 @@
 #include <fpf/fpf.hpp>
 #include <fpf/quant/rewrite.hpp>
 
+#include "program_util.hpp"
+
 namespace fs = std::filesystem;
 using namespace fpf;
 
@@ -26,19 +28,9 @@ namespace {
 const fs::path kStderr =
     fs::path(FPF_BINARY_DIR) / "test-tmp" / ("synth-quant-stderr-" + std::to_string(::getpid()) + ".txt");
 
-int synth(const std::string& args) {
-  fs::create_directories(kStderr.parent_path());
-  const std::string cmd = std::string(FPF_BINARY_DIR) + "/bin/fpf-synth " + args + " > /dev/null 2> " + kStderr.string();
-  const int status = std::system(cmd.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+using fpf::testing::slurp;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+int synth(const std::string& args) { return fpf::testing::run_program("fpf-synth", args, "/dev/null", kStderr); }
 
 fs::path tmp(const std::string& name) {
   const fs::path d = fs::path(FPF_BINARY_DIR) / "test-tmp" / "synth-quant" / name;

@@ -79,8 +79,7 @@ void check_kind(const Kind& kind, int N, int K, int G, std::uint32_t seed) {
     cuda::DeviceBuffer<T> out(static_cast<std::size_t>(N) * K);
     dw.dequantize<T>(e, out.get(), K);
     const std::vector<float> got = to_host(out, static_cast<std::size_t>(N) * K);
-    std::size_t differ = 0;
-    for (std::size_t i = 0; i < got.size(); ++i) differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(wt[static_cast<std::size_t>(e)][i]);
+    const std::size_t differ = fpf::testing::bit_differences(got, wt[static_cast<std::size_t>(e)]);
     CHECK(differ == 0);
   }
 
