@@ -25,6 +25,8 @@
 #include <fpf/fpf.hpp>
 #include <fpf/taps/parse.hpp>
 
+#include "common/cli.hpp"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -171,14 +173,7 @@ int main(int argc, char** argv) {
   app.add_option("--precision", precision_text, "fp32 | bf16 | fp16 (default: the checkpoint dtype)");
   app.add_option("--layers", layers_text, "tapped layers (default 1,2,4,12,last)");
   app.add_option("--json", json_out, "also write the results as JSON lines to this file");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "fpf-cuda-bench: error: %s\n", e.what());
-    return fpf::kExitBadInput;
-  }
+  if (auto code = fpf::examples::parse(app, "fpf-cuda-bench", argc, argv)) return *code;
   return fpf::run_main("fpf-cuda-bench", [&] {
     const fpf::io::ModelConfig cfg = fpf::io::load_config(model_dir);
     const fpf::io::Checkpoint ckpt = fpf::io::Checkpoint::open(model_dir);

@@ -52,6 +52,8 @@
 #include <fpf/quant/config.hpp>
 #include <fpf/quant/rewrite.hpp>
 
+#include "common/cli.hpp"
+
 #ifndef FPF_SOURCE_DIR
 #define FPF_SOURCE_DIR "."
 #endif
@@ -258,14 +260,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-shard-gb", max_shard_gb, "shard size limit in GB (default 4)");
   app.add_option("--tokenizer", tokenizer, "directory whose tokenizer files are copied (skipped when absent)");
   app.add_flag("--force", force, "write into a non-empty --out");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "fpf-synth: error: %s\n", e.what());
-    return fpf::kExitBadInput;
-  }
+  if (auto code = fpf::examples::parse(app, "fpf-synth", argc, argv)) return *code;
   return fpf::run_main("fpf-synth", [&] {
     if (!(max_shard_gb > 0.0)) throw fpf::Error("--max-shard-gb", "must be positive");
     const std::optional<std::int64_t> group_size =

@@ -76,20 +76,19 @@ class Linear {
   std::vector<Part> parts_;
 };
 
-// Runs the packers (pure repacking work) on worker threads; results in input order, so nothing depends on the
-// thread count. The first exception is rethrown.
-inline std::vector<quant::Packed4> run_packers(const std::vector<quant::Packer>& packers) {
-  std::vector<quant::Packed4> out(packers.size());
+// fn(i, t) for i < n on `threads` worker threads (t: the thread's index), items taken in order; the first exception
+// is rethrown once all threads are done.
+template <class Fn>
+void parallel_for(std::size_t n, std::size_t threads, Fn&& fn) {
   std::atomic<std::size_t> next{0};
   std::exception_ptr error;
   std::mutex mu;
-  const unsigned threads = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), static_cast<unsigned>(packers.size())));
   std::vector<std::thread> pool;
-  for (unsigned t = 0; t < threads; ++t)
-    pool.emplace_back([&] {
-      for (std::size_t i; (i = next++) < packers.size();) {
+  for (std::size_t t = 0; t < std::min(n, threads); ++t)
+    pool.emplace_back([&, t] {
+      for (std::size_t i; (i = next++) < n;) {
         try {
-          out[i] = packers[i]();
+          fn(i, t);
         } catch (...) {
           std::lock_guard<std::mutex> lock(mu);
           if (!error) error = std::current_exception();
@@ -98,30 +97,21 @@ inline std::vector<quant::Packed4> run_packers(const std::vector<quant::Packer>&
     });
   for (std::thread& t : pool) t.join();
   if (error) std::rethrow_exception(error);
+}
+
+// Runs the packers (pure repacking work) on all cores; results in input order, so nothing depends on the thread
+// count.
+inline std::vector<quant::Packed4> run_packers(const std::vector<quant::Packer>& packers) {
+  std::vector<quant::Packed4> out(packers.size());
+  parallel_for(packers.size(), std::max(1u, std::thread::hardware_concurrency()),
+               [&](std::size_t i, std::size_t) { out[i] = packers[i](); });
   return out;
 }
 
 // Runs fn(i, uploader) for i < n on up to uploaders.size() threads, thread t using uploaders[t].
 template <class Fn>
 void parallel_upload(std::size_t n, std::vector<std::unique_ptr<PinnedUploader>>& uploaders, Fn&& fn) {
-  std::atomic<std::size_t> next{0};
-  std::exception_ptr error;
-  std::mutex mu;
-  std::vector<std::thread> pool;
-  const std::size_t threads = std::min(n, uploaders.size());
-  for (std::size_t t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      for (std::size_t i; (i = next++) < n;) {
-        try {
-          fn(i, *uploaders[t]);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(mu);
-          if (!error) error = std::current_exception();
-        }
-      }
-    });
-  for (std::thread& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
+  parallel_for(n, uploaders.size(), [&](std::size_t i, std::size_t t) { fn(i, *uploaders[t]); });
 }
 
 // Packed modules sharing an input, E matrices each: parts[j][e] is module j of matrix e (e.g. j = gate, up).
