@@ -12,6 +12,8 @@
 // Exit codes: 0 all repetitions bit-identical; 1 some differ; 2 bad input.
 #include <CLI/CLI.hpp>
 
+#include <cuda_profiler_api.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -68,8 +70,12 @@ Run run_once(Model& m, const std::vector<std::vector<std::int32_t>>& prompts, in
       if (s == 0) chunks[b] = {std::span<const std::int32_t>(fed[b]), std::max(0, n - back)};
       else last[b] = fed[b].back(), chunks[b] = {std::span<const std::int32_t>(&last[b], 1), n - 1};
     }
+    // FPF_NCU_STEP=s: the profiler range (ncu --profile-from-start off) covers step s of every run.
+    static const int ncu_step = std::getenv("FPF_NCU_STEP") ? std::atoi(std::getenv("FPF_NCU_STEP")) : -1;
+    if (s == ncu_step) cudaProfilerStart();
     const auto t0 = Clock::now();
     std::vector<fpf::Captured> cap = m.forward(chunks, spec);
+    if (s == ncu_step) cudaProfilerStop();
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     if (s == 0) r.prefill_ms = ms;
     else decode_ms += ms;

@@ -1,5 +1,5 @@
 // fpf-cuda-kernel-bench: the decode kernels alone at the Qwen3-30B-A3B shape (bf16), timed with CUDA events over
-// back-to-back launches (so launch latency overlaps, as in a graph-launched decode step): attention of one row
+// launches captured in a CUDA graph (as a decode step runs): attention of one row
 // against --keys cached keys (eager, flash), the prefill attention of --keys rows, and the per-layer products of a
 // batch-1 decode step dense (bf16) and 4-bit (AWQ-like affine groups of 128, NF4 blocks of 64 rounded to bf16):
 // q/k/v, o, the MoE expert products of 8 slots, and the lm_head. Prints microseconds and the bytes each launch must
@@ -23,22 +23,37 @@ using T = cuda::bf16;
 
 namespace {
 
-// Mean microseconds per call of f over `iters` back-to-back calls (after 3 warm-up calls).
+// Mean microseconds per call of f(stream), GPU side: `iters` calls captured into one CUDA graph (as a decode step
+// is), replayed 5 times after one warm-up replay. Host launch overhead is not in it; each launch's start-up on the
+// GPU and the gap to the previous kernel are, as in a decode step.
 template <class F>
 double time_us(F&& f, int iters) {
-  for (int i = 0; i < 3; ++i) f();
+  cudaStream_t st{};
+  FPF_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  for (int i = 0; i < 2; ++i) f(st);  // plans, attributes, lazy module loading: outside the capture
+  FPF_CUDA(cudaStreamSynchronize(st));
+  cudaGraph_t g{};
+  cudaGraphExec_t ge{};
+  FPF_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
+  for (int i = 0; i < iters; ++i) f(st);
+  FPF_CUDA(cudaStreamEndCapture(st, &g));
+  FPF_CUDA(cudaGraphInstantiate(&ge, g, 0));
+  FPF_CUDA(cudaGraphLaunch(ge, st));
   cudaEvent_t e0, e1;
   FPF_CUDA(cudaEventCreate(&e0));
   FPF_CUDA(cudaEventCreate(&e1));
-  FPF_CUDA(cudaEventRecord(e0));
-  for (int i = 0; i < iters; ++i) f();
-  FPF_CUDA(cudaEventRecord(e1));
+  FPF_CUDA(cudaEventRecord(e0, st));
+  for (int i = 0; i < 5; ++i) FPF_CUDA(cudaGraphLaunch(ge, st));
+  FPF_CUDA(cudaEventRecord(e1, st));
   FPF_CUDA(cudaEventSynchronize(e1));
   float ms = 0;
   FPF_CUDA(cudaEventElapsedTime(&ms, e0, e1));
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
-  return 1e3 * ms / iters;
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(st);
+  return 1e3 * ms / 5 / iters;
 }
 
 template <class V>
@@ -124,13 +139,19 @@ int main(int argc, char** argv) {
   d.row_pos = dlast.get();
   d.scratch = scratch.get();
   const double kv_bytes = 2.0 * keys * kv_dim * sizeof(T);
-  const double de = time_us([&] { attn::Cuda<attn::Eager>::run<T>(d); }, iters);
-  const double df = time_us([&] { attn::Cuda<attn::Flash<>>::run<T>(d); }, iters);
+  const double de = time_us([&](cudaStream_t st) { attn::Cuda<attn::Eager>::run<T>(d, st); }, iters);
+  const double df = time_us([&](cudaStream_t st) { attn::Cuda<attn::Flash<>>::run<T>(d, st); }, iters);
   std::printf("decode attention, 1 row x %d keys: eager %.1f us, flash %.1f us (KV %.1f MB: %.0f / %.0f GB/s)\n", keys, de, df,
               kv_bytes / 1e6, kv_bytes / de / 1e3, kv_bytes / df / 1e3);
-  const double pf = time_us([&] { attn::Cuda<attn::Flash<>>::run<T>(a); }, 3);
-  const double flops = 4.0 * nh * D * (static_cast<double>(keys) * (keys + 1) / 2);
-  std::printf("prefill attention, %d rows (flash, SIMT): %.2f ms, %.1f TFLOP/s\n", keys, pf / 1e3, flops / pf / 1e6);
+  {
+    cuda::Gemm g;
+    cuda::DeviceBuffer<float> S;
+    cuda::DeviceBuffer<T> P;
+    const std::vector<attn::PrefillSeq<T>> segs{{0, keys, 0, kc.get(), vc.get()}};
+    const double pf = time_us([&](cudaStream_t st) { attn::Cuda<attn::Flash<>>::run_prefill<T>(a, segs, {g, S, P}, st); }, 3);
+    const double flops = 4.0 * nh * D * (static_cast<double>(keys) * (keys + 1) / 2);
+    std::printf("prefill attention, %d rows (flash, tensor cores): %.2f ms, %.1f TFLOP/s\n", keys, pf / 1e3, flops / pf / 1e6);
+  }
 
   // ---- products of one decode step (batch 1) ----
   cuda::Gemm gemm;
@@ -153,8 +174,8 @@ int main(int argc, char** argv) {
     const int mats = s.moe ? E : 1, slots = s.moe ? k : 1;
     const double w_elems = static_cast<double>(s.N) * s.K * slots;
     auto wd = random_device<T>(static_cast<std::size_t>(mats) * s.N * s.K, 5);
-    const double td = s.moe ? time_us([&] { cuda::ops::moe_gemv<T>(x.get(), k, wd.get(), ids.get(), slots, s.N, s.K, y.get()); }, iters)
-                            : time_us([&] { gemm.linear<T>(x.get(), 1, wd.get(), s.N, s.K, y.get()); }, iters);
+    const double td = s.moe ? time_us([&](cudaStream_t st) { cuda::ops::moe_gemv<T>(x.get(), k, wd.get(), ids.get(), slots, s.N, s.K, y.get(), st); }, iters)
+                            : time_us([&](cudaStream_t st) { gemm.linear<T>(x.get(), 1, wd.get(), s.N, s.K, y.get(), st); }, iters);
     double tq[2];
     for (int c = 0; c < 2; ++c) {
       std::vector<quant::Packed4> ps;
@@ -162,16 +183,53 @@ int main(int argc, char** argv) {
       cuda::q::Weight w;
       cuda::PinnedUploader up;
       w.upload(ps, up);
-      tq[c] = s.moe ? time_us([&] { w.moe_gemv<T>(x.get(), s.K, k, ids.get(), slots, y.get(), s.N); }, iters)
-                    : time_us([&] { w.gemv<T>(x.get(), 1, s.K, y.get(), s.N); }, iters);
+      tq[c] = s.moe ? time_us([&](cudaStream_t st) { w.moe_gemv<T>(x.get(), s.K, k, ids.get(), slots, y.get(), s.N, st); }, iters)
+                    : time_us([&](cudaStream_t st) { w.gemv<T>(x.get(), 1, s.K, y.get(), s.N, st); }, iters);
     }
     layer_dense += td, layer_awq += tq[0], layer_nf4 += tq[1];
     std::printf("%-20s N %5d K %4d: bf16 %6.1f us (%4.0f GB/s) | affine-4bit %6.1f us (%4.0f GB/s of codes) | nf4 %6.1f us\n", s.name, s.N,
                 s.K, td, w_elems * 2 / td / 1e3, tq[0], w_elems * 0.5 / tq[0] / 1e3, tq[1]);
   }
   auto lm = random_device<T>(static_cast<std::size_t>(V) * H, 6);
-  const double tl = time_us([&] { gemm.linear<T>(x.get(), 1, lm.get(), static_cast<int>(V), H, y.get()); }, iters / 4 + 1);
+  const double tl = time_us([&](cudaStream_t st) { gemm.linear<T>(x.get(), 1, lm.get(), static_cast<int>(V), H, y.get(), st); }, iters / 4 + 1);
   std::printf("lm_head bf16 N %lld K %d: %.1f us (%.0f GB/s)\n", V, H, tl, static_cast<double>(V) * H * 2 / tl / 1e3);
+  // ---- the other kernels of a batch-1 decode step ----
+  {
+    cuda::DeviceBuffer<float> nw(static_cast<std::size_t>(H)), inv(static_cast<std::size_t>(D / 2));
+    std::vector<float> ones(static_cast<std::size_t>(H), 1.0f), invh(static_cast<std::size_t>(D / 2));
+    for (int i = 0; i < D / 2; ++i) invh[static_cast<std::size_t>(i)] = std::pow(1e6f, -2.0f * i / D);
+    nw.upload(ones.data(), ones.size());
+    inv.upload(invh.data(), invh.size());
+    auto xa = random_device<T>(static_cast<std::size_t>(H), 11), xb = random_device<T>(static_cast<std::size_t>(H), 12);
+    auto qkv = random_device<T>(static_cast<std::size_t>(q_dim + 2 * kv_dim), 13);
+    auto ye = random_device<T>(static_cast<std::size_t>(k) * H, 14), gu = random_device<T>(static_cast<std::size_t>(k) * 2 * I, 15);
+    auto rl = random_device<T>(static_cast<std::size_t>(E), 16);
+    cuda::DeviceBuffer<T> hn(static_cast<std::size_t>(H)), act(static_cast<std::size_t>(k) * I);
+    cuda::DeviceBuffer<std::int32_t> rids(static_cast<std::size_t>(k));
+    cuda::DeviceBuffer<float> rw(static_cast<std::size_t>(k));
+    std::vector<float> wts_h(static_cast<std::size_t>(k), 0.125f);
+    rw.upload(wts_h.data(), wts_h.size());
+    const double t_norm = time_us([&](cudaStream_t st) { cuda::ops::rmsnorm<T>(xa.get(), nullptr, nw.get(), hn.get(), 1, H, 1e-6f, st); }, iters);
+    const double t_addnorm = time_us([&](cudaStream_t st) { cuda::ops::add_rmsnorm<T>(xa.get(), xb.get(), nw.get(), hn.get(), 1, H, 1e-6f, st); }, iters);
+    const double t_rope = time_us([&](cudaStream_t st) {
+      cuda::ops::qk_norm_rope<T>(qkv.get(), dseq.get(), dlast.get(), 1, nw.get(), nw.get(), inv.get(), kt.get(), vt.get(), nh, nkv, D, 1e-6f, st);
+    }, iters);
+    auto rwt = random_device<T>(static_cast<std::size_t>(E) * H, 17);
+    const double t_rgemv = time_us([&](cudaStream_t st) { gemm.linear<T>(xa.get(), 1, rwt.get(), E, H, rl.get(), st); }, iters);
+    const double t_router = time_us([&](cudaStream_t st) { cuda::ops::router<T>(rl.get(), 1, E, k, true, rids.get(), rw.get(), st); }, iters);
+    const double t_swiglu = time_us([&](cudaStream_t st) { cuda::ops::swiglu<T>(gu.get(), act.get(), k, I, st); }, iters);
+    rw.upload(wts_h.data(), wts_h.size());
+    const double t_comb = time_us([&](cudaStream_t st) { cuda::ops::moe_combine<T>(xa.get(), ye.get(), nullptr, rw.get(), 1, k, H, st); }, iters);
+    cuda::DeviceBuffer<std::int32_t> top(11);
+    cuda::DeviceBuffer<float> toplp(10);
+    const double t_lsm = time_us([&](cudaStream_t st) { cuda::ops::log_softmax_topk<T>(y.get(), 1, V, 10, top.get(), toplp.get(), top.get() + 10, st); }, iters / 4 + 1);
+    const double small = t_norm + t_addnorm + t_rope + t_rgemv + t_router + t_swiglu + t_comb;
+    std::printf("small kernels: rmsnorm %.2f, add_rmsnorm %.2f, qk_norm_rope %.2f, router gemv %.2f, router top-k %.2f, swiglu %.2f, "
+                "moe_combine %.2f us: %.1f us per layer (x 48: %.2f ms); log_softmax + top-k %.1f us\n",
+                t_norm, t_addnorm, t_rope, t_rgemv, t_router, t_swiglu, t_comb, small, small * 48 / 1e3, t_lsm);
+    std::printf("decode step estimate (flash): %.2f ms = 48 x (products %.1f + attention %.1f + small %.1f us) + lm_head %.1f + lsm %.1f us\n",
+                (48 * (layer_dense + df + small) + tl + t_lsm) / 1e3, layer_dense, df, small, tl, t_lsm);
+  }
   std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n", layer_dense,
               layer_awq, layer_nf4, layer_dense * 48 / 1e3, layer_awq * 48 / 1e3, layer_nf4 * 48 / 1e3);
   return 0;

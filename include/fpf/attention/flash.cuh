@@ -1,25 +1,28 @@
 #pragma once
 // attn::Flash<Bc> on the GPU: the same algorithm as Flash<Bc>::cpu: the keys in tiles of Bc with an online
 // softmax (running max m, running sum l, output rescaled by exp(m_old - m_new) when the max grows), normalized
-// once at the end. One block per (query row, KV head) with one warp per query head of the GQA group: each tile of
-// Bc keys and values is loaded once into shared memory (coalesced) and read by every head of the group. In a warp,
-// lane j scores key j of the tile (Bc <= 32) as one sequential dot product, lane i owns output dims i, i + 32, ...;
-// the tile's sum uses one fixed butterfly order and keys are accumulated in index order.
-// Decode (few rows): each row's keys are split into chunks of whole tiles over blocks (flash-decoding); each chunk
-// keeps its own (m, l, unnormalized output) and k_flash_combine merges the chunks in chunk order.
-#include <mma.h>
-
+// once at the end.
+// - Decode (at most kSplitMaxRows rows, scratch given): flash_decode.cuh (chunks of keys over blocks, then a merge in
+//   chunk order).
+// - Whole rows (k_flash): one block per (query row, KV head) with one warp per query head of the GQA group: each tile
+//   of Bc keys and values is loaded once into shared memory (coalesced) and read by every head of the group. In a
+//   warp, lane j scores key j of the tile (Bc <= 32) as one sequential dot product, lane i owns output dims i,
+//   i + 32, ...; the tile's sum uses one fixed butterfly order and keys are accumulated in index order.
+// - Prefill of whole sequences in bf16/fp16: k_flash_tc on tensor cores.
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include <fpf/attention/attention.hpp>
 #include <fpf/attention/cuda_args.cuh>
+#include <fpf/attention/flash_decode.cuh>
 
 namespace fpf::attn {
 
 namespace detail {
 
-template <class T, int Bc, int DR, bool Split>
+template <class T, int Bc, int DR>
 __global__ void k_flash(CudaArgs<T> a) {
   extern __shared__ float smem[];
   constexpr int Vn = cuda::ops::Vec<T>::n;
@@ -28,10 +31,7 @@ __global__ void k_flash(CudaArgs<T> a) {
   float* qs = smem + w * (DR * 32);
   T* Ks = reinterpret_cast<T*>(smem + G * (DR * 32));
   T* Vs = Ks + Bc * KS;
-  const int n_all = a.row_pos[r] + 1;
-  constexpr int chunk = flash_chunk_keys(Bc);
-  const int j_begin = Split ? static_cast<int>(blockIdx.z) * chunk : 0;
-  const int n = Split ? min(n_all, j_begin + chunk) : n_all;
+  const int n = a.row_pos[r] + 1;
   const T* q = a.q + static_cast<std::size_t>(r) * a.q_stride + h * D;
   const T* K = a.kcache[a.row_seq[r]] + kvh * D;
   const T* V = a.vcache[a.row_seq[r]] + kvh * D;
@@ -41,7 +41,7 @@ __global__ void k_flash(CudaArgs<T> a) {
   for (int i = 0; i < DR; ++i) acc[i] = 0.0f;
   float m = -INFINITY, l = 0.0f;
   const int vec_per_row = D / Vn;
-  for (int j0 = j_begin; j0 < n; j0 += Bc) {
+  for (int j0 = 0; j0 < n; j0 += Bc) {
     const int nb = min(Bc, n - j0);
     __syncthreads();  // the previous tile is consumed (and qs written, on the first pass)
     for (int idx = threadIdx.x; idx < nb * vec_per_row; idx += blockDim.x) {
@@ -87,14 +87,6 @@ __global__ void k_flash(CudaArgs<T> a) {
     m = m_new;
   }
   const std::size_t rh = static_cast<std::size_t>(r) * a.num_heads + h;
-  if constexpr (Split) {
-    float* part = a.scratch + (rh * gridDim.z + blockIdx.z) * (D + 2);
-#pragma unroll
-    for (int i = 0; i < DR; ++i)
-      if (lane + 32 * i < D) part[lane + 32 * i] = acc[i];
-    if (lane == 0) part[D] = m, part[D + 1] = l;  // m = -inf, l = 0 for a chunk past the row's keys
-    return;
-  }
   const float inv_l = 1.0f / l;
   T* o = a.out + rh * D;
 #pragma unroll
@@ -102,184 +94,255 @@ __global__ void k_flash(CudaArgs<T> a) {
     if (lane + 32 * i < D) o[lane + 32 * i] = cuda::from_f<T>(acc[i] * inv_l);
 }
 
-// Merges the chunks of one (row, head): m = max m_c, w_c = e^(m_c - m) (0 for a chunk past the row's keys),
-// l = sum l_c w_c (fixed tree), out = sum_c acc_c w_c / l. One block per (row, head); warp w sums the chunks
-// c = w, w + nw, ... (lane: dims lane, lane + 32, ...) into its partial, then the partials are added in warp order:
-// a fixed order, with many independent loads in flight (a long cache has hundreds of chunks).
+// Prefill on tensor cores (bf16/fp16 only), FlashAttention-2 style, on raw mma.sync m16n8k16 (T operands, fp32
+// accumulation): softmax(q k^T * scale) v with the same online softmax as Flash<16>::cpu.
+// Layout: one block of kTcWarps warps per (16 R query rows of one sequence, hb query heads of one KV head), one warp
+// per (16 rows, head): warp w owns head w % hb of the block's heads and rows 16 (w / hb) .. of the block's rows
+// (flash_tc_shape: hb the largest divisor of G up to kTcWarps, R = kTcWarps / hb). Blocks start with the longest
+// rows. K and V come into shared memory in tiles of kTcKeys keys (cp.async, two stages; rows padded by 16 bytes so
+// ldmatrix is conflict-free; keys past the block's last visible key are zero-filled, never read from the cache),
+// and every warp of the block reads them: the hb heads share each tile (GQA).
+// Per warp, in registers: Q as A fragments, the scores S = Q K^T of the tile (m16n8 C fragments), the output O
+// (16 x D, fp32). Thread (g, t) = (lane / 4, lane % 4) holds rows g and g + 8, columns 2t, 2t + 1 of each 8-column
+// piece, so a row's (m, l) lives in the 4 threads of a quad. V^T fragments come from ldmatrix.trans.
+// Numerics, per 16-key tile in key order (Bc = 16): s = (q.k) * scale (fp32; keys past the row's position -inf, so
+// a tile with no visible key leaves m, l and O exactly as they are), tile max by a fixed butterfly over the quad,
+// m_new = max(m, tile max), corr = exp(m - m_new), p = exp(s - m_new) in fp32, l = l * corr + (the thread's 4 p, in a
+// fixed order), O = O * corr (skipped when every corr of the warp in the shared-memory tile is 1: O * 1 is exact),
+// then O += P V with P rounded to T (the S accumulators become the A operand) and fp32 accumulation. At the end l is
+// summed over the quad in a fixed order and O / l is written, for rows inside the segment only. No atomics, no
+// timing-dependent order: bit-identical across runs.
+inline constexpr int kTcKeys = 32;  // keys per shared-memory tile (two 16-key softmax tiles)
+inline constexpr int kTcWarps = 4;  // warps per block; up to 3 blocks per SM (registers: <= 168 per thread)
+
+__device__ __forceinline__ void tc_cp_async16(void* dst, const void* src, bool valid) {  // zero-fills when !valid
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void tc_ldsm_x4(std::uint32_t (&r)[4], const void* p) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void tc_ldsm_x4_t(std::uint32_t (&r)[4], const void* p) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+// c += a b: A 16x16 (row), B 16x8 (col), C 16x8 fp32.
 template <class T>
-__global__ void k_flash_combine(CudaArgs<T> a, int chunks) {
-  extern __shared__ float wts[];  // [chunks] weights, then [nw, D] partial sums
-  __shared__ float red[32];
-  const int D = a.head_dim, r = blockIdx.x, h = blockIdx.y;
-  const int nw = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const std::size_t rh = static_cast<std::size_t>(r) * a.num_heads + h;
-  const float* part = a.scratch + rh * chunks * (D + 2);
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < chunks; c += blockDim.x) m = fmaxf(m, part[static_cast<std::size_t>(c) * (D + 2) + D]);
-  m = cuda::block_max(m, red);
-  float l = 0.0f;
-  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-    const float* pc = part + static_cast<std::size_t>(c) * (D + 2);
-    const float wc = pc[D + 1] > 0.0f ? expf(pc[D] - m) : 0.0f;
-    wts[c] = wc;
-    l += pc[D + 1] * wc;
+__device__ __forceinline__ void tc_mma(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  if constexpr (std::is_same_v<T, cuda::bf16>)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two floats rounded to T (nearest even), lo in the low half.
+template <class T>
+__device__ __forceinline__ std::uint32_t tc_pack2(float lo, float hi) {
+  std::uint32_t r;
+  if constexpr (std::is_same_v<T, cuda::bf16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    std::memcpy(&r, &v, 4);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    std::memcpy(&r, &v, 4);
   }
-  __syncthreads();
-  l = cuda::block_sum(l, red);
-  // A chunk past the row's keys holds acc = 0 and weight 0: no branch, so the loads overlap.
-  float* partial = wts + chunks;
-  for (int d = lane; d < D; d += 32) {
-    float acc = 0.0f;
-#pragma unroll 4
-    for (int c = w; c < chunks; c += nw) acc += part[static_cast<std::size_t>(c) * (D + 2) + d] * wts[c];
-    partial[w * D + d] = acc;
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int i = 0; i < nw; ++i) acc += partial[i * D + d];
-    a.out[rh * D + d] = cuda::from_f<T>(acc / l);
-  }
+  return r;
 }
 
-// Prefill on tensor cores (bf16/fp16 only): the same tiles of Bc = 16 keys and the same online softmax, with the
-// two products on WMMA 16x16x16 fragments: S = Q K^T (T operands, fp32 accumulation), then P V with P, the tile's
-// probabilities exp(s - m_new), rounded to T (what FlashAttention feeds its second product) and fp32 accumulation.
-// One block per (16 query rows of one sequence, KV head): warp w owns query head kvh * G + w, all warps share each
-// K/V tile in shared memory. The running output O (16 x D, fp32) lives in shared memory, so each row can be
-// rescaled by exp(m_old - m_new) before the tile's P V is added.
 template <class T, int D>
-__global__ void k_flash_tc(CudaArgs<T> a, int first_row, int nrows) {
-  namespace wm = nvcuda::wmma;
-  constexpr int kT = 16, DC = D / 16;  // tile rows/keys; 16-wide chunks of the head dimension
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int G = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31, kvh = blockIdx.y, h = kvh * G + w;
-  const int row0 = first_row + blockIdx.x * kT, rows = min(kT, nrows - blockIdx.x * kT);
-  T* Ks = reinterpret_cast<T*>(smem_raw);                  // [16, D]
-  T* Vs = Ks + kT * D;                                     // [16, D]
-  T* Qs = Vs + kT * D;                                     // per warp [16, D]
-  float* Ss = reinterpret_cast<float*>(Qs + G * kT * D);   // per warp [16, 16]
-  T* Ps = reinterpret_cast<T*>(Ss + G * kT * kT);          // per warp [16, 16]
-  float* Os = reinterpret_cast<float*>(Ps + G * kT * kT);  // per warp [16, D]
-  float* Ts = Os + G * kT * D;                             // per warp [16, 16] (one chunk of P V)
-  float* Cs = Ts + G * kT * kT;                            // per warp [16]: the rows' corr, then 1 / l
-  T* q_w = Qs + w * kT * D;
-  float* s_w = Ss + w * kT * kT;
-  T* p_w = Ps + w * kT * kT;
-  float* o_w = Os + w * kT * D;
-  float* t_w = Ts + w * kT * kT;
-  float* c_w = Cs + w * kT;
-  const int kv_stride = a.num_kv_heads * D, seq = a.row_seq[row0];
+__global__ void __launch_bounds__(32 * kTcWarps, 3) k_flash_tc(CudaArgs<T> a, int first_row, int nrows, int hb) {
+  static_assert(D % 32 == 0 && D <= 128 && kTcKeys % 16 == 0);
+  constexpr int kN = kTcKeys, kS = D + 8, NT = kN / 8;  // keys per tile, padded row (elements), 8-key pieces
+  constexpr int DK = D / 16, DN = D / 8;                // k-steps of Q K^T, 8-column pieces of O
+  __shared__ __align__(16) unsigned char kv_raw[4 * kN * kS * sizeof(T)];  // K stage 0, 1, then V stage 0, 1
+  __shared__ int warp_keys[kTcWarps];
+  T* kv = reinterpret_cast<T*>(kv_raw);
+  const int W = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int G = a.num_heads / a.num_kv_heads, groups = G / hb, R = W / hb;
+  const int kvh = blockIdx.y / groups, h = kvh * G + (blockIdx.y % groups) * hb + w % hb;
+  const int rw = ((gridDim.x - 1 - blockIdx.x) * R + w / hb) * 16;  // the warp's first row (longest rows first)
+  const int ra = rw + g, rb = rw + g + 8;                            // this thread's two rows
+  const int na = ra < nrows ? a.row_pos[first_row + ra] + 1 : 0;     // keys each row sees (0: past the segment)
+  const int nb = rb < nrows ? a.row_pos[first_row + rb] + 1 : 0;
+  const int n_warp = __reduce_max_sync(0xffffffffu, max(na, nb));
+  const int n_min = __reduce_min_sync(0xffffffffu, min(na, nb));
+  if (lane == 0) warp_keys[w] = n_warp;
+  const int kv_stride = a.num_kv_heads * D, seq = a.row_seq[first_row];
   const T* K = a.kcache[seq] + kvh * D;
   const T* V = a.vcache[seq] + kvh * D;
-  // Q rows (zeros past the segment), O = 0; lanes 0..15 keep row state (m, l, visible keys).
-  for (int i = lane; i < kT * D / 8; i += 32) {
-    const int r = i / (D / 8), c = i % (D / 8);
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < rows) v = *reinterpret_cast<const uint4*>(a.q + static_cast<std::size_t>(row0 + r) * a.q_stride + h * D + 8 * c);
-    *reinterpret_cast<uint4*>(q_w + r * D + 8 * c) = v;
-  }
-  for (int i = lane; i < kT * D; i += 32) o_w[i] = 0.0f;
-  float m = -INFINITY, l = 0.0f;
-  const int n_row = lane < rows ? a.row_pos[row0 + lane] + 1 : 0;  // keys row `lane` sees
-  int n_max = 0;
-  for (int r = 0; r < rows; ++r) n_max = max(n_max, a.row_pos[row0 + r] + 1);
-  wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::row_major> qf[DC];
-  __syncwarp();
+
+  std::uint32_t qa[DK][4];  // Q as A fragments, dims 16c .. 16c + 15 (rows past the segment: 0)
+  {
+    const T* qa_p = a.q + static_cast<std::size_t>(first_row + (ra < nrows ? ra : 0)) * a.q_stride + h * D + 2 * t;
+    const T* qb_p = a.q + static_cast<std::size_t>(first_row + (rb < nrows ? rb : 0)) * a.q_stride + h * D + 2 * t;
 #pragma unroll
-  for (int c = 0; c < DC; ++c) wm::load_matrix_sync(qf[c], q_w + 16 * c, D);
-  for (int j0 = 0; j0 < n_max; j0 += kT) {
-    const int nb = min(kT, n_max - j0);
-    __syncthreads();  // the previous tile is consumed
-    for (int i = threadIdx.x; i < kT * D / 8; i += blockDim.x) {
+    for (int c = 0; c < DK; ++c) {
+      qa[c][0] = ra < nrows ? *reinterpret_cast<const std::uint32_t*>(qa_p + 16 * c) : 0u;
+      qa[c][1] = rb < nrows ? *reinterpret_cast<const std::uint32_t*>(qb_p + 16 * c) : 0u;
+      qa[c][2] = ra < nrows ? *reinterpret_cast<const std::uint32_t*>(qa_p + 16 * c + 8) : 0u;
+      qa[c][3] = rb < nrows ? *reinterpret_cast<const std::uint32_t*>(qb_p + 16 * c + 8) : 0u;
+    }
+  }
+  __syncthreads();
+  int n_block = 0;
+  for (int i = 0; i < W; ++i) n_block = max(n_block, warp_keys[i]);
+  const int ntiles = (n_block + kN - 1) / kN;
+  auto load = [&](int it) {  // tile it into stage it & 1
+    const int j0 = it * kN;
+    T* ks = kv + (it & 1) * kN * kS;
+    T* vs = ks + 2 * kN * kS;
+    for (int i = threadIdx.x; i < kN * (D / 8); i += blockDim.x) {
       const int r = i / (D / 8), c = i % (D / 8);
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (r < nb) {
-        const std::size_t src = static_cast<std::size_t>(j0 + r) * kv_stride + 8 * c;
-        kv = *reinterpret_cast<const uint4*>(K + src);
-        vv = *reinterpret_cast<const uint4*>(V + src);
-      }
-      *reinterpret_cast<uint4*>(Ks + r * D + 8 * c) = kv;
-      *reinterpret_cast<uint4*>(Vs + r * D + 8 * c) = vv;
+      const bool ok = j0 + r < n_block;
+      const std::size_t src = static_cast<std::size_t>(ok ? j0 + r : 0) * kv_stride + 8 * c;
+      tc_cp_async16(ks + r * kS + 8 * c, K + src, ok);
+      tc_cp_async16(vs + r * kS + 8 * c, V + src, ok);
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  };
+
+  float o[DN][4];
+#pragma unroll
+  for (int i = 0; i < DN; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f;
+  const float scale = a.scale;
+  if (ntiles > 0) load(0);
+  for (int it = 0; it < ntiles; ++it) {
+    if (it + 1 < ntiles) {
+      load(it + 1);
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
     }
     __syncthreads();
-    // S = Q K^T: K tile [16 keys, D] row-major is K^T column-major.
-    wm::fragment<wm::accumulator, 16, 16, 16, float> sf;
-    wm::fill_fragment(sf, 0.0f);
+    const int j0 = it * kN;
+    if (j0 < n_warp) {
+      const T* ks = kv + (it & 1) * kN * kS;
+      const T* vs = ks + 2 * kN * kS;
+      // S = Q K^T: s[nt] covers keys j0 + 8nt .. + 7 (independent accumulators; dims in order).
+      float s[NT][4];
 #pragma unroll
-    for (int c = 0; c < DC; ++c) {
-      wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::col_major> kf;
-      wm::load_matrix_sync(kf, Ks + 16 * c, D);
-      wm::mma_sync(sf, qf[c], kf, sf);
-    }
-    wm::store_matrix_sync(s_w, sf, kT, wm::mem_row_major);
-    __syncwarp();
-    // Online softmax, lane r < 16 for row r: m_new, corr = exp(m - m_new), p = exp(s - m_new) (0 past the row's keys).
-    float corr = 1.0f;
-    if (lane < kT) {
-      float mx = -INFINITY;
-      for (int j = 0; j < kT; ++j) {
-        const float sc = j0 + j < n_row ? s_w[lane * kT + j] * a.scale : -INFINITY;
-        s_w[lane * kT + j] = sc;
-        mx = fmaxf(mx, sc);
-      }
-      const float m_new = fmaxf(m, mx);
-      float psum = 0.0f;
-      for (int j = 0; j < kT; ++j) {
-        const float pj = m_new == -INFINITY ? 0.0f : expf(s_w[lane * kT + j] - m_new);
-        psum += pj;
-        p_w[lane * kT + j] = cuda::from_f<T>(pj);
-      }
-      corr = m_new == -INFINITY ? 1.0f : expf(m - m_new);
-      l = l * corr + psum;
-      m = m_new;
-      c_w[lane] = corr;
-    }
-    __syncwarp();
-    // O = O * corr (per row) + P V, one 16-column chunk at a time.
-    wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::row_major> pf;
-    wm::load_matrix_sync(pf, p_w, kT);
+      for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
 #pragma unroll
-    for (int c = 0; c < DC; ++c) {
-      wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::row_major> vf;
-      wm::load_matrix_sync(vf, Vs + 16 * c, D);
-      wm::fragment<wm::accumulator, 16, 16, 16, float> tf;
-      wm::fill_fragment(tf, 0.0f);
-      wm::mma_sync(tf, pf, vf, tf);
-      wm::store_matrix_sync(t_w, tf, kT, wm::mem_row_major);
-      __syncwarp();
-      for (int i = lane; i < kT * kT; i += 32) {
-        const int r = i / kT, cc = i % kT;
-        float& o = o_w[r * D + 16 * c + cc];
-        o = o * c_w[r] + t_w[i];
+      for (int cp = 0; cp < DK / 2; ++cp) {
+        std::uint32_t b[NT][4];  // dims 32cp + 0/8/16/24 of keys 8nt .. 8nt + 7
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) tc_ldsm_x4(b[nt], ks + (8 * nt + (lane & 7)) * kS + 32 * cp + (lane >> 3) * 8);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) tc_mma<T>(s[nt], qa[2 * cp], b[nt][0], b[nt][1]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) tc_mma<T>(s[nt], qa[2 * cp + 1], b[nt][2], b[nt][3]);
       }
-      __syncwarp();
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= scale;
+      if (j0 + kN > n_min) {  // some key of the tile is past some row's position
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (j0 + 8 * nt + 2 * t + (e & 1) >= (e < 2 ? na : nb)) s[nt][e] = -INFINITY;
+      }
+      constexpr int kSub = kN / 16;  // 16-key softmax tiles
+      float mxa[kSub], mxb[kSub];
+#pragma unroll
+      for (int u = 0; u < kSub; ++u) {
+        mxa[u] = fmaxf(fmaxf(s[2 * u][0], s[2 * u][1]), fmaxf(s[2 * u + 1][0], s[2 * u + 1][1]));
+        mxb[u] = fmaxf(fmaxf(s[2 * u][2], s[2 * u][3]), fmaxf(s[2 * u + 1][2], s[2 * u + 1][3]));
+      }
+#pragma unroll
+      for (int x = 1; x <= 2; x <<= 1)
+#pragma unroll
+        for (int u = 0; u < kSub; ++u) {
+          mxa[u] = fmaxf(mxa[u], __shfl_xor_sync(0xffffffffu, mxa[u], x));
+          mxb[u] = fmaxf(mxb[u], __shfl_xor_sync(0xffffffffu, mxb[u], x));
+        }
+      float ca[kSub], cb[kSub];
+      std::uint32_t pa[kSub][4];
+      bool rescale = false;
+#pragma unroll
+      for (int u = 0; u < kSub; ++u) {
+        const float mna = fmaxf(ma, mxa[u]), mnb = fmaxf(mb, mxb[u]);
+        // A row with no visible key yet (only rows past the segment) keeps m = -inf and p = 0.
+        const float sa = mna == -INFINITY ? 0.0f : mna, sb = mnb == -INFINITY ? 0.0f : mnb;
+        ca[u] = expf(ma - sa), cb[u] = expf(mb - sb);
+        ma = mna, mb = mnb;
+        rescale |= ca[u] != 1.0f || cb[u] != 1.0f;
+        float p[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) p[i][e] = expf(s[2 * u + i][e] - (e < 2 ? sa : sb));
+        la = la * ca[u] + ((p[0][0] + p[0][1]) + (p[1][0] + p[1][1]));
+        lb = lb * cb[u] + ((p[0][2] + p[0][3]) + (p[1][2] + p[1][3]));
+        pa[u][0] = tc_pack2<T>(p[0][0], p[0][1]);
+        pa[u][1] = tc_pack2<T>(p[0][2], p[0][3]);
+        pa[u][2] = tc_pack2<T>(p[1][0], p[1][1]);
+        pa[u][3] = tc_pack2<T>(p[1][2], p[1][3]);
+      }
+      // O = O * corr + P V per 16-key tile, in key order (two 8-column pieces of V^T per ldmatrix.trans).
+      auto pv = [&](int u) {
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          std::uint32_t b[4];
+          tc_ldsm_x4_t(b, vs + (16 * u + (lane & 7) + ((lane >> 3) & 1) * 8) * kS + 16 * dp + (lane >> 4) * 8);
+          tc_mma<T>(o[2 * dp], pa[u], b[0], b[1]);
+          tc_mma<T>(o[2 * dp + 1], pa[u], b[2], b[3]);
+        }
+      };
+      if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int u = 0; u < kSub; ++u) {
+#pragma unroll
+          for (int i = 0; i < DN; ++i) o[i][0] *= ca[u], o[i][1] *= ca[u], o[i][2] *= cb[u], o[i][3] *= cb[u];
+          pv(u);
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < kSub; ++u) pv(u);
+      }
     }
+    __syncthreads();  // this stage is consumed before the next load overwrites it
   }
-  if (lane < kT) c_w[lane] = 1.0f / l;
-  __syncwarp();
-  for (int i = lane; i < rows * D; i += 32) {
-    const int r = i / D, d = i % D;
-    a.out[(static_cast<std::size_t>(row0 + r) * a.num_heads + h) * D + d] = cuda::from_f<T>(o_w[i] * c_w[r]);
+  la += __shfl_xor_sync(0xffffffffu, la, 1);
+  lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+  la += __shfl_xor_sync(0xffffffffu, la, 2);
+  lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+  const float ia = 1.0f / la, ib = 1.0f / lb;
+  T* out_a = a.out + (static_cast<std::size_t>(first_row + ra) * a.num_heads + h) * D + 2 * t;
+  T* out_b = a.out + (static_cast<std::size_t>(first_row + rb) * a.num_heads + h) * D + 2 * t;
+#pragma unroll
+  for (int i = 0; i < DN; ++i) {
+    if (ra < nrows) *reinterpret_cast<std::uint32_t*>(out_a + 8 * i) = tc_pack2<T>(o[i][0] * ia, o[i][1] * ia);
+    if (rb < nrows) *reinterpret_cast<std::uint32_t*>(out_b + 8 * i) = tc_pack2<T>(o[i][2] * ib, o[i][3] * ib);
   }
 }
 
-// Shared memory of k_flash_tc for G query heads per KV head.
-template <class T>
-constexpr std::size_t flash_tc_smem(int G, int D) {
-  return static_cast<std::size_t>(2 * 16 * D + G * 16 * D + G * 256) * sizeof(T) +
-         static_cast<std::size_t>(G * 256 + G * 16 * D + G * 256 + G * 16) * sizeof(float);
+// k_flash_tc's block shape for G query heads per KV head: hb heads (the largest divisor of G up to kTcWarps) times
+// R = kTcWarps / hb tiles of 16 rows.
+inline void flash_tc_shape(int G, int& hb, int& R) {
+  hb = 1;
+  for (int d = 1; d <= kTcWarps && d <= G; ++d)
+    if (G % d == 0) hb = d;
+  R = kTcWarps / hb;
 }
 
-template <class T, int Bc, bool Split>
+template <class T, int Bc>
 void launch_flash(const CudaArgs<T>& a, dim3 grid, cudaStream_t s) {
   const int G = a.num_heads / a.num_kv_heads;
   auto go = [&]<int DR>() {
     const std::size_t smem = static_cast<std::size_t>(G) * DR * 32 * sizeof(float) +
                              static_cast<std::size_t>(Bc) * (2 * a.head_dim + cuda::ops::Vec<T>::n) * sizeof(T);
     if (smem > 48 * 1024)
-      FPF_CUDA(cudaFuncSetAttribute(k_flash<T, Bc, DR, Split>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    k_flash<T, Bc, DR, Split><<<grid, 32 * G, smem, s>>>(a);
+      FPF_CUDA(cudaFuncSetAttribute(k_flash<T, Bc, DR>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    k_flash<T, Bc, DR><<<grid, 32 * G, smem, s>>>(a);
   };
   if (a.head_dim <= 32) go.template operator()<1>();
   else if (a.head_dim <= 128) go.template operator()<4>();
@@ -298,38 +361,29 @@ struct Cuda<Flash<Bc>> {
       throw Error("config.json: head_dim", "the CUDA attention kernels need a multiple of 8, at most 256");
     if (a.num_heads % a.num_kv_heads != 0 || a.num_heads / a.num_kv_heads > 32)
       throw Error("config.json: num_key_value_heads", "the CUDA flash kernel needs at most 32 query heads per KV head");
-    if (a.scratch && a.rows <= kSplitMaxRows) {
-      const int chunks = static_cast<int>(flash_split_chunks(a.max_keys, Bc));
-      detail::launch_flash<T, Bc, true>(a, dim3(a.rows, a.num_kv_heads, chunks), s);
-      constexpr int kCombineThreads = 256;
-      const std::size_t smem = (static_cast<std::size_t>(chunks) + (kCombineThreads / 32) * a.head_dim) * sizeof(float);
-      if (smem > 48 * 1024)
-        FPF_CUDA(cudaFuncSetAttribute(detail::k_flash_combine<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      detail::k_flash_combine<T><<<dim3(a.rows, a.num_heads), kCombineThreads, smem, s>>>(a, chunks);
-      FPF_CUDA_LAUNCH("attention flash (split keys)");
+    if (a.scratch && a.rows <= kSplitMaxRows && detail::launch_flash_decode<T, Bc>(a, s)) {
+      FPF_CUDA_LAUNCH("attention flash (decode: split keys)");
       return;
     }
-    detail::launch_flash<T, Bc, false>(a, dim3(a.rows, a.num_kv_heads), s);
+    detail::launch_flash<T, Bc>(a, dim3(a.rows, a.num_kv_heads), s);
     FPF_CUDA_LAUNCH("attention flash");
   }
 
   // Prefill of whole sequences (segs: each sequence's rows, consecutive in a): on tensor cores for bf16/fp16 with
-  // Bc = 16 and head_dim 64 or 128 (k_flash_tc), else run().
+  // Bc = 16, head_dim 64 or 128 and at most 16 query heads per KV head (k_flash_tc, one launch per sequence), else
+  // run().
   template <class T>
   static void run_prefill(const CudaArgs<T>& a, const std::vector<PrefillSeq<T>>& segs, PrefillWork<T>, cudaStream_t s = 0) {
     const int G = a.num_heads / a.num_kv_heads;
     if constexpr (!std::is_same_v<T, float> && Bc == 16) {
       if ((a.head_dim == 128 || a.head_dim == 64) && a.num_heads % a.num_kv_heads == 0 && G <= 16) {
+        int hb, R;
+        detail::flash_tc_shape(G, hb, R);
         auto go = [&]<int D>() {
-          const std::size_t smem = detail::flash_tc_smem<T>(G, D);
-          static std::size_t raised = 48 * 1024;
-          if (smem > raised) {
-            FPF_CUDA(cudaFuncSetAttribute(detail::k_flash_tc<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-            raised = smem;
-          }
           for (const PrefillSeq<T>& sq : segs)
             if (sq.rows > 0)
-              detail::k_flash_tc<T, D><<<dim3((sq.rows + 15) / 16, a.num_kv_heads), 32 * G, smem, s>>>(a, sq.first_row, sq.rows);
+              detail::k_flash_tc<T, D><<<dim3((sq.rows + 16 * R - 1) / (16 * R), a.num_kv_heads * (G / hb)), 32 * hb * R, 0, s>>>(
+                  a, sq.first_row, sq.rows, hb);
         };
         if (a.head_dim == 128) go.template operator()<128>();
         else go.template operator()<64>();

@@ -51,12 +51,22 @@ void embed(const std::int32_t* ids, int rows, const T* table, T* x, int H, cudaS
 // map: row r of y is row rows[r] of x.
 // ---------------------------------------------------------------------------------------------------------------
 // The second half of an RMSNorm row, given its sum of squares (double, fixed order): y = w * (x * rsqrt(mean + eps)).
+// A row of n elements over one block, held in registers: thread t holds elements t, t + blockDim, ... (kRowPer of
+// them; longer rows continue in a loop that reloads). The sum of squares is taken in double in that order per
+// thread, then over the block by block_sum: the order k_rmsnorm has always used, with each element loaded once.
+inline constexpr int kRowPer = 8;
+
 template <class T>
-__device__ __forceinline__ void rmsnorm_write(const T* xr, const float* __restrict__ w, T* __restrict__ yr, int n, double ss,
-                                              float eps) {
+__device__ __forceinline__ void rmsnorm_finish(const float (&v)[kRowPer], const T* xr, const float* __restrict__ w,
+                                               T* __restrict__ yr, int n, double ss, float eps) {
   const float mean = static_cast<float>(ss / static_cast<double>(n));
   const float inv = 1.0f / sqrtf(mean + eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
+#pragma unroll
+  for (int u = 0; u < kRowPer; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    if (i < n) yr[i] = from_f<T>(w[i] * (v[u] * inv));
+  }
+  for (int i = threadIdx.x + kRowPer * blockDim.x; i < n; i += blockDim.x) yr[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
 }
 template <class T>
 __global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restrict__ rows, const float* __restrict__ w,
@@ -64,12 +74,20 @@ __global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restric
   __shared__ double scratch[32];
   const std::size_t src = rows ? static_cast<std::size_t>(rows[blockIdx.x]) : blockIdx.x;
   const T* xr = x + src * n;
-  double ss = 0.0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const double v = to_f(xr[i]);
-    ss += v * v;
+  float v[kRowPer];
+#pragma unroll
+  for (int u = 0; u < kRowPer; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    v[u] = i < n ? to_f(xr[i]) : 0.0f;
   }
-  rmsnorm_write(xr, w, y + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
+  double ss = 0.0;
+#pragma unroll
+  for (int u = 0; u < kRowPer; ++u) ss += static_cast<double>(v[u]) * v[u];
+  for (int i = threadIdx.x + kRowPer * blockDim.x; i < n; i += blockDim.x) {
+    const double d = to_f(xr[i]);
+    ss += d * d;
+  }
+  rmsnorm_finish(v, xr, w, y + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
 }
 template <class T>
 void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nrows, int n, float eps, cudaStream_t s = 0) {
@@ -86,14 +104,26 @@ __global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const 
   __shared__ double scratch[32];
   T* xr = x + static_cast<std::size_t>(blockIdx.x) * n;
   const T* yr = y + static_cast<std::size_t>(blockIdx.x) * n;
+  float v[kRowPer];
+#pragma unroll
+  for (int u = 0; u < kRowPer; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    v[u] = i < n ? to_f(from_f<T>(to_f(xr[i]) + to_f(yr[i]))) : 0.0f;
+  }
   double ss = 0.0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const T v = from_f<T>(to_f(xr[i]) + to_f(yr[i]));
-    xr[i] = v;
-    const double d = to_f(v);
+#pragma unroll
+  for (int u = 0; u < kRowPer; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    if (i < n) xr[i] = from_f<T>(v[u]);  // exact: v[u] is a T value
+    ss += static_cast<double>(v[u]) * v[u];
+  }
+  for (int i = threadIdx.x + kRowPer * blockDim.x; i < n; i += blockDim.x) {
+    const T t = from_f<T>(to_f(xr[i]) + to_f(yr[i]));
+    xr[i] = t;
+    const double d = to_f(t);
     ss += d * d;
   }
-  rmsnorm_write(xr, w, out + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
+  rmsnorm_finish(v, xr, w, out + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
 }
 template <class T>
 void add_rmsnorm(T* x, const T* y, const float* w, T* out, int nrows, int n, float eps, cudaStream_t s = 0) {
@@ -113,21 +143,30 @@ __global__ void k_qk_norm_rope(T* __restrict__ qkv, const std::int32_t* __restri
                                const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
                                T* const* __restrict__ kcache, T* const* __restrict__ vcache, int nh, int nkv, int D,
                                float eps) {
+  constexpr int kPer = 8;  // head_dim <= 256: lane holds elements lane + 32 u
   const int r = blockIdx.x, hd = blockIdx.y, lane = threadIdx.x, half = D / 2;
   const int q_dim = nh * D, kv_dim = nkv * D;
   T* row = qkv + static_cast<std::size_t>(r) * (q_dim + 2 * kv_dim);
   const bool is_q = hd < nh;
-  T* x = is_q ? row + hd * D : row + q_dim + (hd - nh) * D;
+  const int kvh = hd - nh;
+  T* x = is_q ? row + hd * D : row + q_dim + kvh * D;
   const float* w = is_q ? q_norm : k_norm;
-  double ss = 0.0;
-  for (int i = lane; i < D; i += 32) {
-    const double v = to_f(x[i]);
-    ss += v * v;
+  const T* v = row + q_dim + kv_dim + kvh * D;
+  float xv[kPer], vv[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = lane + 32 * u;
+    xv[u] = i < D ? to_f(x[i]) : 0.0f;
+    vv[u] = !is_q && i < D ? to_f(v[i]) : 0.0f;
   }
+  const float pos = static_cast<float>(row_pos[r]);
+  double ss = 0.0;
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) ss += static_cast<double>(xv[u]) * xv[u];
   ss = warp_sum(ss);
   const float mean = static_cast<float>(ss / static_cast<double>(D));
   const float inv = 1.0f / sqrtf(mean + eps);
-  const float pos = static_cast<float>(row_pos[r]);
+  __syncwarp();  // every lane has read x before any lane overwrites it
   for (int i = lane; i < half; i += 32) {
     const float x1 = w[i] * (to_f(x[i]) * inv), x2 = w[i + half] * (to_f(x[i + half]) * inv);
     const float angle = pos * inv_freq[i];
@@ -137,12 +176,14 @@ __global__ void k_qk_norm_rope(T* __restrict__ qkv, const std::int32_t* __restri
   }
   if (is_q) return;
   __syncwarp();
-  const int kvh = hd - nh;
   const std::size_t at = static_cast<std::size_t>(row_pos[r]) * kv_dim + kvh * D;
   T* kc = kcache[row_seq[r]] + at;
   T* vc = vcache[row_seq[r]] + at;
-  const T* v = row + q_dim + kv_dim + kvh * D;
-  for (int i = lane; i < D; i += 32) kc[i] = x[i], vc[i] = v[i];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = lane + 32 * u;
+    if (i < D) kc[i] = x[i], vc[i] = from_f<T>(vv[u]);
+  }
 }
 template <class T>
 void qk_norm_rope(T* qkv, const std::int32_t* row_seq, const std::int32_t* row_pos, int rows, const float* q_norm,
@@ -209,21 +250,19 @@ __global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, s
   sum = warp_sum(sum);
   for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
   __syncwarp();
+  // k rounds of arg-max (ties to the lower id); a chosen expert's entry becomes -1, below every probability.
   for (int s = 0; s < k; ++s) {
     float bv = -INFINITY;
     int bi = 0x7fffffff;
-    for (int e = lane; e < E; e += 32) {
-      bool taken = false;
-      for (int t = 0; t < s; ++t) taken |= sel[t] == e;
-      if (!taken && (p[e] > bv || (p[e] == bv && e < bi))) bv = p[e], bi = e;
-    }
+    for (int e = lane; e < E; e += 32)
+      if (p[e] > bv || (p[e] == bv && e < bi)) bv = p[e], bi = e;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
     }
-    if (lane == 0) sel[s] = bi, selw[s] = bv;
+    if (lane == 0) sel[s] = bi, selw[s] = bv, p[bi] = -1.0f;
     __syncwarp();
   }
   if (lane == 0) {
@@ -256,7 +295,7 @@ template <class T>
 __global__ void k_moe_combine(T* __restrict__ x, const T* __restrict__ ye, const std::int32_t* __restrict__ slot_row,
                               const float* __restrict__ wts, int k, int H) {
   const int r = blockIdx.x;
-  for (int j = threadIdx.x; j < H; j += blockDim.x) {
+  for (int j = blockIdx.y * blockDim.x + threadIdx.x; j < H; j += gridDim.y * blockDim.x) {
     float y = 0.0f;
     for (int s = 0; s < k; ++s) {
       const std::size_t row = slot_row ? slot_row[r * k + s] : static_cast<std::size_t>(r) * k + s;
@@ -269,7 +308,7 @@ __global__ void k_moe_combine(T* __restrict__ x, const T* __restrict__ ye, const
 template <class T>
 void moe_combine(T* x, const T* ye, const std::int32_t* slot_row, const float* wts, int rows, int k, int H, cudaStream_t s = 0) {
   if (rows == 0) return;
-  k_moe_combine<T><<<rows, 256, 0, s>>>(x, ye, slot_row, wts, k, H);
+  k_moe_combine<T><<<dim3(rows, blocks_for(static_cast<std::size_t>(H), 256)), 256, 0, s>>>(x, ye, slot_row, wts, k, H);
   FPF_CUDA_LAUNCH("moe_combine");
 }
 
