@@ -202,12 +202,20 @@ __global__ void k_flash_merge(CudaArgs<T> a, int chunks, int C) {
     l += ls[c] * wc;
   }
   l = cuda::block_sum(l, red);  // its __syncthreads also publishes wts
-  for (int d = lane; d < D; d += 32) {
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int c = w; c < used; c += nw) acc += part[static_cast<std::size_t>(c) * (D + 2) + d] * wts[c];
-    partial[w * D + d] = acc;
+  float acc[8];  // dims lane + 32 i (head_dim <= 256), each summed over the warp's chunks in increasing c
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+#pragma unroll 4
+  for (int c = w; c < used; c += nw) {
+    const float* pc = part + static_cast<std::size_t>(c) * (D + 2);
+    const float wc = wts[c];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (lane + 32 * i < D) acc[i] += pc[lane + 32 * i] * wc;
   }
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (lane + 32 * i < D) partial[w * D + lane + 32 * i] = acc[i];
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.0f;
