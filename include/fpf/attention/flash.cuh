@@ -2,8 +2,8 @@
 // attn::Flash<Bc> on the GPU: the same algorithm as Flash<Bc>::cpu: the keys in tiles of Bc with an online
 // softmax (running max m, running sum l, output rescaled by exp(m_old - m_new) when the max grows), normalized
 // once at the end.
-// - Decode (at most kSplitMaxRows rows, scratch given): flash_decode.cuh (chunks of keys over blocks, then a merge in
-//   chunk order).
+// - Decode (at most kSplitMaxRows rows, scratch given): flash_decode.cuh (chunks of keys over blocks, on tensor cores
+//   for bf16/fp16, then a merge in chunk order).
 // - Whole rows (k_flash): one block per (query row, KV head) with one warp per query head of the GQA group: each tile
 //   of Bc keys and values is loaded once into shared memory (coalesced) and read by every head of the group. In a
 //   warp, lane j scores key j of the tile (Bc <= 32) as one sequential dot product, lane i owns output dims i,
@@ -114,46 +114,7 @@ __global__ void k_flash(CudaArgs<T> a) {
 // timing-dependent order: bit-identical across runs.
 inline constexpr int kTcKeys = 32;  // keys per shared-memory tile (two 16-key softmax tiles)
 inline constexpr int kTcWarps = 4;  // warps per block; up to 3 blocks per SM (registers: <= 168 per thread)
-
-__device__ __forceinline__ void tc_cp_async16(void* dst, const void* src, bool valid) {  // zero-fills when !valid
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void tc_ldsm_x4(std::uint32_t (&r)[4], const void* p) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-__device__ __forceinline__ void tc_ldsm_x4_t(std::uint32_t (&r)[4], const void* p) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-// c += a b: A 16x16 (row), B 16x8 (col), C 16x8 fp32.
-template <class T>
-__device__ __forceinline__ void tc_mma(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
-  if constexpr (std::is_same_v<T, cuda::bf16>)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// Two floats rounded to T (nearest even), lo in the low half.
-template <class T>
-__device__ __forceinline__ std::uint32_t tc_pack2(float lo, float hi) {
-  std::uint32_t r;
-  if constexpr (std::is_same_v<T, cuda::bf16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    std::memcpy(&r, &v, 4);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    std::memcpy(&r, &v, 4);
-  }
-  return r;
-}
+// (tc_cp_async16, tc_ldsm_x4, tc_ldsm_x4_t, tc_mma, tc_pack2: flash_decode.cuh, shared with k_flash_decode_tc.)
 
 template <class T, int D>
 __global__ void __launch_bounds__(32 * kTcWarps, 3) k_flash_tc(CudaArgs<T> a, int first_row, int nrows, int hb) {
