@@ -2,7 +2,8 @@
 # Where a batch-1 decode step of the real shape spends its time, on the GPU machine (device tool): synthesizes
 # Qwen3-30B-A3B (bf16, or QUANT=awq|gptq|nf4) into /dev/shm, times it with fpf-cuda-bench (flash, batch 1), then
 # runs ncu (kernel durations only, clocks left alone) over decode step 5 with graphs off, one line per kernel in
-# $OUT/ncu.csv; scripts/ncu_summary.py sums them per kernel.
+# $OUT/ncu.csv; scripts/ncu_summary.py sums them per kernel. ncu runs each kernel alone, between idle gaps, so
+# small kernels read longer than inside a graph (the sum was 7.4 ms for a 5.95 ms step): a ranking, not a budget.
 #   scripts/device-profile-decode.sh [bench args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."

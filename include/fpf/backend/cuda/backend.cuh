@@ -14,8 +14,11 @@
 //
 // MoE: the router (softmax over all experts in fp32, top-k ties to the lower id, optional renormalisation) runs on
 // the GPU; with at most 8 rows the selected experts run as per-slot GEMVs; with more, the slots are grouped by
-// expert (a stable counting sort on the host: ascending expert, then ascending slot) and each expert's rows run as
-// one product. The weighted sum over a row's experts is taken in ascending expert id, as the CPU reference.
+// expert (a stable counting sort on the host: ascending expert, then ascending slot), each expert's rows padded with
+// zero rows to the largest expert's count, and all experts run as one strided-batched cuBLASLt product per
+// projection (4-bit experts dequantized to T first); when padding would more than double the rows, each expert's
+// rows run as their own product instead. The weighted sum over a row's experts is taken in ascending expert id, as
+// the CPU reference.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -259,7 +262,7 @@ class Impl {
       moved |= ye_.resize(P * H);
       moved |= xg_.resize(P * H);
       moved |= rlogits_.resize(static_cast<std::size_t>(R) * E);
-      moved |= route_ids_.resize(3 * P);
+      moved |= route_ids_.resize(4 * P);  // ids, then (prefill) grouped row -> slot (<= 2 P rows), slot -> row
       moved |= route_wts_.resize(P);
     }
     // Decode (<= kSplitMaxRows rows) sizes the attention's key split by the caches' capacity, not by this step's key
@@ -451,34 +454,56 @@ class Impl {
     const std::vector<std::int32_t> sel = route_ids_.download(static_cast<std::size_t>(P));
     std::vector<int> count(static_cast<std::size_t>(E) + 1, 0);
     for (std::int32_t e : sel) ++count[static_cast<std::size_t>(e) + 1];
-    for (int e = 0; e < E; ++e) count[e + 1] += count[e];
-    std::vector<std::int32_t> perm_and_slot(2 * static_cast<std::size_t>(P));
+    int Mmax = 0;
+    for (int e = 0; e < E; ++e) Mmax = std::max(Mmax, count[e + 1]), count[e + 1] += count[e];
+    // Batched: every expert's rows padded to Mmax and all experts in one product per projection (one launch instead
+    // of E small ones), unless the padding would cost more than the rows themselves.
+    const bool batched = static_cast<std::size_t>(E) * Mmax <= 2 * static_cast<std::size_t>(P);
+    const int G = batched ? E * Mmax : P;  // grouped rows
+    std::vector<std::int32_t> perm_and_slot(static_cast<std::size_t>(G) + P, -1);  // grouped row -> slot, slot -> row
     std::vector<int> fill(count.begin(), count.end() - 1);
     for (int p = 0; p < P; ++p) {
-      const int at = fill[sel[static_cast<std::size_t>(p)]]++;
-      perm_and_slot[static_cast<std::size_t>(at)] = p;           // grouped position -> slot
-      perm_and_slot[static_cast<std::size_t>(P + p)] = at;       // slot -> grouped position
+      const int e = sel[static_cast<std::size_t>(p)];
+      const int at = batched ? e * Mmax + (fill[e]++ - count[e]) : fill[e]++;
+      perm_and_slot[static_cast<std::size_t>(at)] = p;
+      perm_and_slot[static_cast<std::size_t>(G + p)] = at;
     }
-    std::int32_t* d_perm = d_ids + P;
+    const bool grew = xg_.resize(static_cast<std::size_t>(G) * H) | gu_.resize(static_cast<std::size_t>(G) * 2 * I) |
+           act_.resize(static_cast<std::size_t>(G) * I) | ye_.resize(static_cast<std::size_t>(G) * H);
+    if (grew) graphs_by_key_.clear();  // captured decode steps point into the old buffers
+    std::int32_t* d_perm = route_ids_.get() + P;
     FPF_CUDA(cudaMemcpy(d_perm, perm_and_slot.data(), perm_and_slot.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
-    ops::gather<T>(h_.get(), d_perm, k, P, xg_.get(), H);
+    ops::gather<T>(h_.get(), d_perm, k, G, xg_.get(), H, st);
     timer_.mark("moe group");
-    for (int e = 0; e < E; ++e) {
-      const int n = count[e + 1] - count[e];
-      if (n == 0) continue;
-      const std::size_t off = static_cast<std::size_t>(count[e]);
-      L.gate_up.expert(gemm_, e, xg_.get() + off * H, n, gu_.get() + off * 2 * I, wscratch_.get());
+    if (batched) {
+      T* scratch = wscratch_.get();
+      if (L.gate_up.quantized() || L.down.quantized()) {
+        if (wscratch_.resize(std::max(L.gate_up.batched_scratch_elems(), L.down.batched_scratch_elems()))) {
+          graphs_by_key_.clear();
+          scratch = wscratch_.get();
+        }
+      }
+      L.gate_up.experts_batched(gemm_, xg_.get(), Mmax, gu_.get(), scratch, st);
+      timer_.mark("moe gate_up");
+      ops::swiglu<T>(gu_.get(), act_.get(), G, I, st);
+      L.down.experts_batched(gemm_, act_.get(), Mmax, ye_.get(), scratch, st);
+      timer_.mark("moe down");
+    } else {
+      for (int e = 0; e < E; ++e) {
+        const int n = count[e + 1] - count[e];
+        const std::size_t off = static_cast<std::size_t>(count[e]);
+        L.gate_up.expert(gemm_, e, xg_.get() + off * H, n, gu_.get() + off * 2 * I, wscratch_.get(), st);
+      }
+      timer_.mark("moe gate_up");
+      ops::swiglu<T>(gu_.get(), act_.get(), P, I, st);
+      for (int e = 0; e < E; ++e) {
+        const int n = count[e + 1] - count[e];
+        const std::size_t off = static_cast<std::size_t>(count[e]);
+        L.down.expert(gemm_, e, act_.get() + off * I, n, ye_.get() + off * H, wscratch_.get(), st);
+      }
+      timer_.mark("moe down");
     }
-    timer_.mark("moe gate_up");
-    ops::swiglu<T>(gu_.get(), act_.get(), P, I);
-    for (int e = 0; e < E; ++e) {
-      const int n = count[e + 1] - count[e];
-      if (n == 0) continue;
-      const std::size_t off = static_cast<std::size_t>(count[e]);
-      L.down.expert(gemm_, e, act_.get() + off * I, n, ye_.get() + off * H, wscratch_.get());
-    }
-    timer_.mark("moe down");
-    ops::moe_combine<T>(x_.get(), ye_.get(), d_perm + P, route_wts_.get(), R, k, H);
+    ops::moe_combine<T>(x_.get(), ye_.get(), d_perm + G, route_wts_.get(), R, k, H, st);
   }
 
   void load(const io::Checkpoint& ckpt, const QuantFns& qf) {

@@ -53,6 +53,18 @@ class Gemm {
     gemm<T, T>(X, K, M, W, K, /*w_is_nk=*/true, N, K, Y, N, 1.0f, s);
   }
 
+  // batch products at once: Y_b[M, N] = X_b[M, K] W_b[N, K]^T for b < batch, each operand a run of matrices at a
+  // fixed stride (elements). Always cuBLASLt (one launch: the prefill's experts, padded to a common M).
+  template <class T>
+  void linear_batched(const T* X, int M, const T* W, int N, int K, T* Y, int batch, long long sx, long long sw, long long sy,
+                      cudaStream_t s = 0) {
+    if (M == 0 || N == 0 || batch == 0) return;
+    const Plan& p = plan<T, T>(M, N, K, K, K, N, true, align(X), align(W), align(Y), batch, sx, sw, sy);
+    const float alpha = 1.0f, beta = 0.0f;
+    FPF_LT(cublasLtMatmul(h_, p.desc, &alpha, W, p.a, X, p.b, &beta, Y, p.c, Y, p.c, &p.algo, workspace_.get(),
+                          kWorkspaceBytes, s));
+  }
+
   // The general product on row-major matrices with leading dimensions: Y[M, N] (ld ldy, type TY) = alpha * X[M, K]
   // (ld ldx) * op(W), where op(W) = W^T for W [N, K] (w_is_nk) or W for W [K, N], ld ldw. fp32 accumulation.
   template <class T, class TY>
@@ -73,7 +85,8 @@ class Gemm {
     cublasLtMatrixLayout_t a{}, b{}, c{};
     cublasLtMatmulAlgo_t algo{};
   };
-  using Key = std::tuple<int, int, int, int, int, int, int, int, int, unsigned, unsigned, unsigned>;
+  using Key = std::tuple<int, int, int, int, int, int, int, int, int, unsigned, unsigned, unsigned, int, long long, long long,
+                         long long>;
 
   static unsigned align(const void* p) {
     const auto a = reinterpret_cast<std::uintptr_t>(p);
@@ -83,8 +96,10 @@ class Gemm {
   }
 
   template <class T, class TY>
-  const Plan& plan(int M, int N, int K, int ldx, int ldw, int ldy, bool w_is_nk, unsigned ax, unsigned aw, unsigned ay) {
-    const Key key{M, N, K, ldx, ldw, ldy, w_is_nk ? 1 : 0, static_cast<int>(cuda_type<T>()), static_cast<int>(cuda_type<TY>()), ax, aw, ay};
+  const Plan& plan(int M, int N, int K, int ldx, int ldw, int ldy, bool w_is_nk, unsigned ax, unsigned aw, unsigned ay,
+                   int batch = 1, long long sx = 0, long long sw = 0, long long sy = 0) {
+    const Key key{M, N, K, ldx, ldw, ldy, w_is_nk ? 1 : 0, static_cast<int>(cuda_type<T>()), static_cast<int>(cuda_type<TY>()),
+                  ax, aw, ay, batch, sx, sw, sy};
     if (auto it = plans_.find(key); it != plans_.end()) return it->second;
     Plan p;
     const cudaDataType_t t = cuda_type<T>(), ty = cuda_type<TY>();
@@ -97,6 +112,15 @@ class Gemm {
     else FPF_LT(cublasLtMatrixLayoutCreate(&p.a, t, N, K, ldw));
     FPF_LT(cublasLtMatrixLayoutCreate(&p.b, t, K, M, ldx));
     FPF_LT(cublasLtMatrixLayoutCreate(&p.c, ty, N, M, ldy));
+    if (batch > 1) {
+      const std::int32_t b = batch;
+      const std::int64_t strides[3] = {sw, sx, sy};
+      cublasLtMatrixLayout_t* layouts[3] = {&p.a, &p.b, &p.c};
+      for (int i = 0; i < 3; ++i) {
+        FPF_LT(cublasLtMatrixLayoutSetAttribute(*layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &b, sizeof b));
+        FPF_LT(cublasLtMatrixLayoutSetAttribute(*layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i], sizeof strides[i]));
+      }
+    }
     cublasLtMatmulPreference_t pref{};
     FPF_LT(cublasLtMatmulPreferenceCreate(&pref));
     const std::uint64_t ws = kWorkspaceBytes;

@@ -63,6 +63,22 @@ class Linear {
     for (const Part& p : parts_) p.w.template moe_gemv<T>(X, K_, x_div, ids, slots, Y + p.row0, N_, s);
   }
 
+  // All E matrices in one product on inputs padded to Mmax rows each (prefill MoE): Y_e = X_e W_e^T with X
+  // [E, Mmax, K], Y [E, Mmax, N]. Packed matrices are first dequantized, all E of them, into scratch
+  // (batched_scratch_elems()). Rows are independent, so padding rows change nothing for the real ones.
+  std::size_t batched_scratch_elems() const { return quantized() ? static_cast<std::size_t>(E_) * N_ * K_ : 0; }
+  void experts_batched(Gemm& g, const T* X, int Mmax, T* Y, T* scratch, cudaStream_t s = 0) const {
+    const T* W = dense_.get();
+    if (quantized()) {
+      for (int e = 0; e < E_; ++e)
+        for (const Part& p : parts_)
+          p.w.template dequantize<T>(e, scratch + (static_cast<std::size_t>(e) * N_ + p.row0) * K_, K_, s);
+      W = scratch;
+    }
+    g.linear_batched<T>(X, Mmax, W, N_, K_, Y, E_, static_cast<long long>(Mmax) * K_, static_cast<long long>(N_) * K_,
+                        static_cast<long long>(Mmax) * N_, s);
+  }
+
   void expert(Gemm& g, int e, const T* X, int M, T* Y, T* scratch, cudaStream_t s = 0) const {
     if (M == 0) return;
     if (!quantized()) return g.linear<T>(X, M, dense_matrix(e), N_, K_, Y, s);

@@ -312,16 +312,33 @@ void moe_combine(T* x, const T* ye, const std::int32_t* slot_row, const float* w
   FPF_CUDA_LAUNCH("moe_combine");
 }
 
-// dst[i] = src[rows[i]] (rows of n elements); src_div: rows[i] / src_div is the source row (token of a slot).
-template <class T>
+// dst[i] = src[rows[i] / src_div] (rows of n elements; rows[i] / src_div: the token of slot rows[i]); rows[i] < 0:
+// a row of zeros (padding). V: elements per copy (a 16-byte Vec when the rows allow it).
+template <class T, int V>
 __global__ void k_gather(const T* __restrict__ src, const std::int32_t* __restrict__ rows, int src_div, T* __restrict__ dst, int n) {
-  const std::size_t from = rows[blockIdx.x] / src_div;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) dst[static_cast<std::size_t>(blockIdx.x) * n + j] = src[from * n + j];
+  struct alignas(V * sizeof(T)) Piece {
+    T v[V];
+  };
+  const std::int32_t slot = rows[blockIdx.x];
+  Piece* d = reinterpret_cast<Piece*>(dst + static_cast<std::size_t>(blockIdx.x) * n);
+  if (slot < 0) {
+    Piece z;
+#pragma unroll
+    for (int i = 0; i < V; ++i) z.v[i] = from_f<T>(0.0f);
+    for (int j = threadIdx.x; j < n / V; j += blockDim.x) d[j] = z;
+    return;
+  }
+  const Piece* s = reinterpret_cast<const Piece*>(src + static_cast<std::size_t>(slot / src_div) * n);
+  for (int j = threadIdx.x; j < n / V; j += blockDim.x) d[j] = s[j];
 }
 template <class T>
 void gather(const T* src, const std::int32_t* rows, int src_div, int nrows, T* dst, int n, cudaStream_t s = 0) {
   if (nrows == 0) return;
-  k_gather<T><<<nrows, 256, 0, s>>>(src, rows, src_div, dst, n);
+  constexpr int V = 16 / sizeof(T);
+  if (n % V == 0 && reinterpret_cast<std::uintptr_t>(src) % 16 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 16 == 0)
+    k_gather<T, V><<<nrows, 256, 0, s>>>(src, rows, src_div, dst, n);
+  else
+    k_gather<T, 1><<<nrows, 256, 0, s>>>(src, rows, src_div, dst, n);
   FPF_CUDA_LAUNCH("gather");
 }
 
