@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <random>
+#include <type_traits>
 
 #include <fpf/attention/attention.hpp>
 #include <fpf/attention/cuda.cuh>
@@ -353,6 +355,42 @@ void test_router(int E, int k, bool norm, std::uint32_t seed) {
   CHECK(e <= 1e-5);  // softmax and weights are fp32 whatever T
 }
 
+// ops::route_group against a host stable counting sort: every slot at its expert's start (or e * Mmax when padded)
+// plus its rank among the earlier slots of the same expert; padding rows -1; offsets, Mmax and the choice.
+void test_route_group(int P, int E, bool skewed, bool allow_pad, std::uint32_t seed) {
+  std::mt19937 g(seed);
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(P));
+  for (auto& id : ids) id = skewed && g() % 2 ? static_cast<std::int32_t>(g() % 3) : static_cast<std::int32_t>(g() % E);
+  std::vector<int> cnt(static_cast<std::size_t>(E), 0);
+  for (auto id : ids) ++cnt[static_cast<std::size_t>(id)];
+  const int mx = *std::max_element(cnt.begin(), cnt.end());
+  const bool pad = allow_pad && static_cast<long long>(E) * mx <= 2LL * P;
+  std::vector<int> start(static_cast<std::size_t>(E) + 1, 0);
+  for (int e = 0; e < E; ++e) start[e + 1] = start[e] + cnt[e];
+  const int G = pad ? E * mx : P;
+  std::vector<std::int32_t> rows(static_cast<std::size_t>(G), -1), slot_row(static_cast<std::size_t>(P));
+  std::vector<int> seen(static_cast<std::size_t>(E), 0);
+  for (int p = 0; p < P; ++p) {
+    const int e = ids[p], at = (pad ? e * mx : start[e]) + seen[e]++;
+    rows[at] = p, slot_row[p] = at;
+  }
+  DeviceBuffer<std::int32_t> d_ids(static_cast<std::size_t>(P)), d_rows(2 * static_cast<std::size_t>(P)),
+      d_slot(static_cast<std::size_t>(P)), d_info(static_cast<std::size_t>(E) + 3);
+  d_ids.upload(ids.data(), ids.size());
+  for (int rep = 0; rep < 2; ++rep) {
+    ops::route_group(d_ids.get(), P, E, d_rows.get(), d_slot.get(), d_info.get(), allow_pad);
+    FPF_CUDA(cudaDeviceSynchronize());
+    const auto gr = d_rows.download(static_cast<std::size_t>(G)), gs = d_slot.download(static_cast<std::size_t>(P));
+    const auto gi = d_info.download(static_cast<std::size_t>(E) + 3);
+    CHECK(gr == rows);
+    CHECK(gs == slot_row);
+    CHECK(std::vector<int>(gi.begin(), gi.begin() + E + 1) == start);
+    CHECK(gi[static_cast<std::size_t>(E) + 1] == mx);
+    CHECK(gi[static_cast<std::size_t>(E) + 2] == (pad ? 1 : 0));
+  }
+  MESSAGE("route_group P " << P << " E " << E << (skewed ? " skewed" : "") << ": Mmax " << mx << (pad ? " padded" : " unpadded"));
+}
+
 template <class T>
 void test_moe_gemv_combine(std::uint32_t seed) {
   const int R = 3, k = 4, E = 6, N = 96, K = 64;
@@ -450,6 +488,14 @@ void all_ops(std::uint32_t seed) {
   test_swiglu<T>(seed + 50);
   test_router<T>(128, 8, true, seed + 60);
   test_router<T>(6, 3, false, seed + 61);
+  if constexpr (std::is_same_v<T, float>) {
+    for (bool pad : {true, false}) {
+      test_route_group(48000, 128, false, pad, seed + 62);
+      test_route_group(1000, 128, true, pad, seed + 63);
+      test_route_group(37, 6, false, pad, seed + 64);
+      test_route_group(5, 4, false, pad, seed + 65);
+    }
+  }
   test_moe_gemv_combine<T>(seed + 70);
   test_log_softmax_topk<T>(151936, 10, seed + 80);
   test_log_softmax_topk<T>(384, 10, seed + 81);

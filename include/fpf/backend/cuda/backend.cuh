@@ -14,11 +14,12 @@
 //
 // MoE: the router (softmax over all experts in fp32, top-k ties to the lower id, optional renormalisation) runs on
 // the GPU; with at most 8 rows the selected experts run as per-slot GEMVs; with more, the slots are grouped by
-// expert (a stable counting sort on the host: ascending expert, then ascending slot), each expert's rows padded with
-// zero rows to the largest expert's count, and all experts run as one strided-batched cuBLASLt product per
-// projection (4-bit experts dequantized to T first); when padding would more than double the rows, each expert's
-// rows run as their own product instead. The weighted sum over a row's experts is taken in ascending expert id, as
-// the CPU reference.
+// expert (a stable counting sort on the device, ops::route_group: ascending expert, then ascending slot) and all
+// experts run as one product per projection (4-bit experts dequantized to T first): in bf16/fp16 the grouped GEMM of
+// grouped_gemm.cuh, which reads the expert offsets on the device (a row's value does not depend on how many rows
+// its expert has); in fp32 cuBLASLt strided-batched on rows padded to the largest expert's count (or, when padding
+// would more than double the rows, one cuBLASLt product per expert). The weighted sum over a row's experts is taken
+// in ascending expert id, as the CPU reference.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -262,7 +263,7 @@ class Impl {
       moved |= ye_.resize(P * H);
       moved |= xg_.resize(P * H);
       moved |= rlogits_.resize(static_cast<std::size_t>(R) * E);
-      moved |= route_ids_.resize(4 * P);  // ids, then (prefill) grouped row -> slot (<= 2 P rows), slot -> row
+      moved |= route_ids_.resize(4 * P + E + 3);  // ids; prefill: grouped rows (<= 2 P), slot -> row, offsets
       moved |= route_wts_.resize(P);
     }
     // Decode (<= kSplitMaxRows rows) sizes the attention's key split by the caches' capacity, not by this step's key
@@ -450,39 +451,40 @@ class Impl {
       ops::moe_combine<T>(x_.get(), ye_.get(), nullptr, route_wts_.get(), R, k, H, st);
       return;
     }
-    // Group the slots by expert: a stable counting sort (ascending expert, then ascending slot).
-    const std::vector<std::int32_t> sel = route_ids_.download(static_cast<std::size_t>(P));
-    std::vector<int> count(static_cast<std::size_t>(E) + 1, 0);
-    for (std::int32_t e : sel) ++count[static_cast<std::size_t>(e) + 1];
-    int Mmax = 0;
-    for (int e = 0; e < E; ++e) Mmax = std::max(Mmax, count[e + 1]), count[e + 1] += count[e];
-    // Batched: every expert's rows padded to Mmax and all experts in one product per projection (one launch instead
-    // of E small ones), unless the padding would cost more than the rows themselves.
-    const bool batched = static_cast<std::size_t>(E) * Mmax <= 2 * static_cast<std::size_t>(P);
-    const int G = batched ? E * Mmax : P;  // grouped rows
-    std::vector<std::int32_t> perm_and_slot(static_cast<std::size_t>(G) + P, -1);  // grouped row -> slot, slot -> row
-    std::vector<int> fill(count.begin(), count.end() - 1);
-    for (int p = 0; p < P; ++p) {
-      const int e = sel[static_cast<std::size_t>(p)];
-      const int at = batched ? e * Mmax + (fill[e]++ - count[e]) : fill[e]++;
-      perm_and_slot[static_cast<std::size_t>(at)] = p;
-      perm_and_slot[static_cast<std::size_t>(G + p)] = at;
+    // Group the slots by expert on the device (ops::route_group: a stable counting sort, ascending expert then
+    // ascending slot). bf16/fp16: all experts in one grouped product per projection that reads the offsets on the
+    // device (no host round trip). fp32: the rows padded to the largest count when that at most doubles them, and
+    // cuBLASLt (strided-batched, or one product per expert), for which the host reads back the offsets.
+    std::int32_t* d_rows = d_ids + P;             // grouped row -> slot (-1: padding), up to 2 P rows
+    std::int32_t* d_slot_row = d_rows + 2 * P;    // slot -> grouped row
+    std::int32_t* d_info = d_slot_row + P;        // offsets [E + 1], Mmax, padded
+    constexpr bool grouped = Linear<T>::kGrouped;
+    ops::route_group(d_ids, P, E, d_rows, d_slot_row, d_info, !grouped, st);
+    if constexpr (grouped) {
+      ops::gather<T>(h_.get(), d_rows, k, P, xg_.get(), H, st);
+      timer_.mark("moe group");
+      T* scratch = moe_scratch(L);
+      L.gate_up.experts_grouped(xg_.get(), d_info, P, gu_.get(), scratch, st);
+      timer_.mark("moe gate_up");
+      ops::swiglu<T>(gu_.get(), act_.get(), P, I, st);
+      L.down.experts_grouped(act_.get(), d_info, P, ye_.get(), scratch, st);
+      timer_.mark("moe down");
+      ops::moe_combine<T>(x_.get(), ye_.get(), d_slot_row, route_wts_.get(), R, k, H, st);
+      return;
     }
+    std::vector<std::int32_t> info(static_cast<std::size_t>(E) + 3);
+    FPF_CUDA(cudaMemcpy(info.data(), d_info, info.size() * sizeof(std::int32_t), cudaMemcpyDeviceToHost));
+    const std::vector<int> count(info.begin(), info.begin() + E + 1);  // offsets
+    const int Mmax = info[static_cast<std::size_t>(E) + 1];
+    const bool batched = info[static_cast<std::size_t>(E) + 2] != 0;
+    const int G = batched ? E * Mmax : P;  // grouped rows
     const bool grew = xg_.resize(static_cast<std::size_t>(G) * H) | gu_.resize(static_cast<std::size_t>(G) * 2 * I) |
            act_.resize(static_cast<std::size_t>(G) * I) | ye_.resize(static_cast<std::size_t>(G) * H);
     if (grew) graphs_by_key_.clear();  // captured decode steps point into the old buffers
-    std::int32_t* d_perm = route_ids_.get() + P;
-    FPF_CUDA(cudaMemcpy(d_perm, perm_and_slot.data(), perm_and_slot.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
-    ops::gather<T>(h_.get(), d_perm, k, G, xg_.get(), H, st);
+    ops::gather<T>(h_.get(), d_rows, k, G, xg_.get(), H, st);
     timer_.mark("moe group");
     if (batched) {
-      T* scratch = wscratch_.get();
-      if (L.gate_up.quantized() || L.down.quantized()) {
-        if (wscratch_.resize(std::max(L.gate_up.batched_scratch_elems(), L.down.batched_scratch_elems()))) {
-          graphs_by_key_.clear();
-          scratch = wscratch_.get();
-        }
-      }
+      T* scratch = moe_scratch(L);
       L.gate_up.experts_batched(gemm_, xg_.get(), Mmax, gu_.get(), scratch, st);
       timer_.mark("moe gate_up");
       ops::swiglu<T>(gu_.get(), act_.get(), G, I, st);
@@ -503,7 +505,14 @@ class Impl {
       }
       timer_.mark("moe down");
     }
-    ops::moe_combine<T>(x_.get(), ye_.get(), d_perm + G, route_wts_.get(), R, k, H, st);
+    ops::moe_combine<T>(x_.get(), ye_.get(), d_slot_row, route_wts_.get(), R, k, H, st);
+  }
+
+  // Scratch for a layer's 4-bit experts dequantized all at once (grown on first use: decode graphs pointing into the
+  // old buffer are dropped).
+  T* moe_scratch(const LayerW<T>& L) {
+    if (wscratch_.resize(std::max(L.gate_up.batched_scratch_elems(), L.down.batched_scratch_elems()))) graphs_by_key_.clear();
+    return wscratch_.get();
   }
 
   void load(const io::Checkpoint& ckpt, const QuantFns& qf) {

@@ -5,6 +5,8 @@
 //                                           else dequantize to T into a scratch matrix and the same Gemm::linear
 //   moe_gemv  per slot p: Y[p] = W_{ids[p]} X[p / x_div]   (decode MoE, expert ids read on the device)
 //   expert  Y[M, N] = X W_e^T              (prefill MoE, one expert's grouped rows)
+//   experts_grouped / experts_batched       (prefill MoE, all experts in one product: grouped_gemm.cuh in bf16/fp16,
+//                                           cuBLASLt strided-batched on rows padded to the largest count in fp32)
 // Packed rows may be split into parts along N (modules whose packing differs, e.g. act-order q/k/v with different
 // permutations); each part writes its own columns of Y.
 #include <algorithm>
@@ -13,10 +15,12 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <fpf/backend/cuda/common.cuh>
 #include <fpf/backend/cuda/gemm.cuh>
+#include <fpf/backend/cuda/grouped_gemm.cuh>
 #include <fpf/backend/cuda/ops.cuh>
 #include <fpf/backend/cuda/qlinear.cuh>
 #include <fpf/quant/packed.hpp>
@@ -68,15 +72,15 @@ class Linear {
   // (batched_scratch_elems()). Rows are independent, so padding rows change nothing for the real ones.
   std::size_t batched_scratch_elems() const { return quantized() ? static_cast<std::size_t>(E_) * N_ * K_ : 0; }
   void experts_batched(Gemm& g, const T* X, int Mmax, T* Y, T* scratch, cudaStream_t s = 0) const {
-    const T* W = dense_.get();
-    if (quantized()) {
-      for (int e = 0; e < E_; ++e)
-        for (const Part& p : parts_)
-          p.w.template dequantize<T>(e, scratch + (static_cast<std::size_t>(e) * N_ + p.row0) * K_, K_, s);
-      W = scratch;
-    }
-    g.linear_batched<T>(X, Mmax, W, N_, K_, Y, E_, static_cast<long long>(Mmax) * K_, static_cast<long long>(N_) * K_,
-                        static_cast<long long>(Mmax) * N_, s);
+    g.linear_batched<T>(X, Mmax, all_experts(scratch, s), N_, K_, Y, E_, static_cast<long long>(Mmax) * K_,
+                        static_cast<long long>(N_) * K_, static_cast<long long>(Mmax) * N_, s);
+  }
+  // All E matrices in one grouped product (bf16/fp16, grouped_gemm.cuh): rows offsets[e] .. offsets[e + 1] - 1 of X
+  // (offsets on the device) are expert e's; no padding, no host round trip.
+  static constexpr bool kGrouped = !std::is_same_v<T, float>;
+  void experts_grouped(const T* X, const std::int32_t* d_offsets, int rows, T* Y, T* scratch, cudaStream_t s = 0) const {
+    if constexpr (kGrouped) grouped_linear<T>(X, d_offsets, E_, rows, all_experts(scratch, s), N_, K_, Y, s);
+    else throw Error("Linear", "grouped products are bf16/fp16 only");
   }
 
   void expert(Gemm& g, int e, const T* X, int M, T* Y, T* scratch, cudaStream_t s = 0) const {
@@ -87,6 +91,14 @@ class Linear {
   }
 
  private:
+  // The E matrices as T [E, N, K]: the dense weights, or the packed ones dequantized into scratch.
+  const T* all_experts(T* scratch, cudaStream_t s) const {
+    if (!quantized()) return dense_.get();
+    for (int e = 0; e < E_; ++e)
+      for (const Part& p : parts_) p.w.template dequantize<T>(e, scratch + (static_cast<std::size_t>(e) * N_ + p.row0) * K_, K_, s);
+    return scratch;
+  }
+
   int E_ = 0, N_ = 0, K_ = 0;
   DeviceBuffer<T> dense_;
   std::vector<Part> parts_;

@@ -135,7 +135,7 @@ void add_rmsnorm(T* x, const T* y, const float* w, T* out, int nrows, int n, flo
 // ---------------------------------------------------------------------------------------------------------------
 // Per-head q/k RMSNorm + RoPE (rotate_half), and the KV-cache store. qkv rows are [q heads | k heads | v heads];
 // q and k are normalized and rotated in place; k and v are also written to the row's sequence cache at its
-// absolute position. One warp per (row, head); grid (rows, nh + nkv).
+// absolute position. One warp per (row, head), 4 heads per block; grid (rows, (nh + nkv) / 4).
 // ---------------------------------------------------------------------------------------------------------------
 template <class T>
 __global__ void k_qk_norm_rope(T* __restrict__ qkv, const std::int32_t* __restrict__ row_seq,
@@ -144,7 +144,8 @@ __global__ void k_qk_norm_rope(T* __restrict__ qkv, const std::int32_t* __restri
                                T* const* __restrict__ kcache, T* const* __restrict__ vcache, int nh, int nkv, int D,
                                float eps) {
   constexpr int kPer = 8;  // head_dim <= 256: lane holds elements lane + 32 u
-  const int r = blockIdx.x, hd = blockIdx.y, lane = threadIdx.x, half = D / 2;
+  const int r = blockIdx.x, hd = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31, half = D / 2;
+  if (hd >= nh + nkv) return;
   const int q_dim = nh * D, kv_dim = nkv * D;
   T* row = qkv + static_cast<std::size_t>(r) * (q_dim + 2 * kv_dim);
   const bool is_q = hd < nh;
@@ -190,8 +191,9 @@ void qk_norm_rope(T* qkv, const std::int32_t* row_seq, const std::int32_t* row_p
                   const float* k_norm, const float* inv_freq, T* const* kcache, T* const* vcache, int nh, int nkv, int D,
                   float eps, cudaStream_t s = 0) {
   if (rows == 0) return;
-  k_qk_norm_rope<T><<<dim3(rows, nh + nkv), 32, 0, s>>>(qkv, row_seq, row_pos, q_norm, k_norm, inv_freq, kcache, vcache,
-                                                        nh, nkv, D, eps);
+  constexpr int kWarps = 4;  // (row, head) pairs per block
+  k_qk_norm_rope<T><<<dim3(rows, (nh + nkv + kWarps - 1) / kWarps), 32 * kWarps, 0, s>>>(qkv, row_seq, row_pos, q_norm, k_norm,
+                                                                                    inv_freq, kcache, vcache, nh, nkv, D, eps);
   FPF_CUDA_LAUNCH("qk_norm_rope");
 }
 
@@ -310,6 +312,99 @@ void moe_combine(T* x, const T* ye, const std::int32_t* slot_row, const float* w
   if (rows == 0) return;
   k_moe_combine<T><<<dim3(rows, blocks_for(static_cast<std::size_t>(H), 256)), 256, 0, s>>>(x, ye, slot_row, wts, k, H);
   FPF_CUDA_LAUNCH("moe_combine");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Prefill MoE grouping on the device: a stable counting sort of the P slots by expert (ascending expert, then
+// ascending slot), in one block of kGroupThreads threads. Warp w takes the contiguous slots [w P/nw, (w+1) P/nw),
+// 32 at a time; lanes holding the same expert find each other with __match_any_sync and rank themselves by lane.
+// Pass 1 counts per (warp, expert); a scan in (expert, warp) order gives every warp's first position per expert; pass
+// 2 walks the same slots again and writes the positions. Integer counts only: the result is the unique stable
+// order, whatever the timing. With pad (allowed and E * Mmax <= 2 P, Mmax the largest count) expert e's rows start at e * Mmax
+// and rows past its count are -1 (zero rows for the padded batched product); else they start at offsets[e].
+//   out: rows [grouped row -> slot or -1] (G entries), slot_row [slot -> grouped row] (P), info [E + 1 offsets, Mmax,
+//   pad]
+// ---------------------------------------------------------------------------------------------------------------
+inline constexpr int kGroupThreads = 1024, kGroupMaxExperts = 256;
+
+template <class = void>  // a template, so that every translation unit may define it
+__global__ void __launch_bounds__(kGroupThreads) k_route_group(const std::int32_t* __restrict__ ids, int P, int E,
+                                                               std::int32_t* __restrict__ rows,
+                                                               std::int32_t* __restrict__ slot_row,
+                                                               std::int32_t* __restrict__ info, int allow_pad) {
+  constexpr int nw = kGroupThreads / 32;
+  __shared__ int hist[nw][kGroupMaxExperts];  // pass 1: counts; then each warp's next position per expert
+  __shared__ int tot[kGroupMaxExperts + 1];
+  __shared__ int mmax_pad[2];
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const unsigned lt = (1u << lane) - 1u;
+  for (int i = threadIdx.x; i < nw * kGroupMaxExperts; i += blockDim.x) (&hist[0][0])[i] = 0;
+  __syncthreads();
+  const int per = (P + nw - 1) / nw, b = min(P, w * per), e_end = min(P, b + per);
+  for (int base = b; base < e_end; base += 32) {
+    const int p = base + lane;
+    const int id = p < e_end ? ids[p] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, id);
+    if (id >= 0 && (peers & lt) == 0) hist[w][id] += __popc(peers);  // the lowest lane of the group
+    __syncwarp();
+  }
+  __syncthreads();
+  // Totals per expert, their exclusive scan (offsets), the largest count.
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int t = 0;
+    for (int v = 0; v < nw; ++v) t += hist[v][e];
+    tot[e] = t;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int run = 0, mx = 0;
+    for (int e = 0; e < E; ++e) {
+      const int t = tot[e];
+      tot[e] = run;
+      run += t;
+      mx = max(mx, t);
+    }
+    tot[E] = run;
+    mmax_pad[0] = mx;
+    mmax_pad[1] = allow_pad && static_cast<long long>(E) * mx <= 2LL * P ? 1 : 0;
+  }
+  __syncthreads();
+  const int mx = mmax_pad[0], pad = mmax_pad[1];
+  // Each warp's first position per expert: the expert's start, plus the earlier warps' counts.
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int at = pad ? e * mx : tot[e];
+    for (int v = 0; v < nw; ++v) {
+      const int c = hist[v][e];
+      hist[v][e] = at;
+      at += c;
+    }
+  }
+  if (pad)
+    for (int i = threadIdx.x; i < E * mx; i += blockDim.x) rows[i] = -1;
+  if (threadIdx.x <= E) info[threadIdx.x] = tot[threadIdx.x];
+  if (threadIdx.x == 0) info[E + 1] = mx, info[E + 2] = pad;
+  __syncthreads();
+  for (int base = b; base < e_end; base += 32) {
+    const int p = base + lane;
+    const int id = p < e_end ? ids[p] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, id);
+    if (id >= 0) {
+      const int at = hist[w][id] + __popc(peers & lt);
+      rows[at] = p;
+      slot_row[p] = at;
+    }
+    __syncwarp();
+    if (id >= 0 && (peers & lt) == 0) hist[w][id] += __popc(peers);
+    __syncwarp();
+  }
+}
+// ids: [P] expert of each slot (the router's output). rows must hold 2 P entries (P without allow_pad), info E + 3.
+inline void route_group(const std::int32_t* ids, int P, int E, std::int32_t* rows, std::int32_t* slot_row, std::int32_t* info,
+                        bool allow_pad, cudaStream_t s = 0) {
+  if (E > kGroupMaxExperts || E + 1 > kGroupThreads)
+    throw Error("config.json: num_experts", "the CUDA MoE grouping supports at most " + std::to_string(kGroupMaxExperts));
+  k_route_group<><<<1, kGroupThreads, 0, s>>>(ids, P, E, rows, slot_row, info, allow_pad ? 1 : 0);
+  FPF_CUDA_LAUNCH("route_group");
 }
 
 // dst[i] = src[rows[i] / src_div] (rows of n elements; rows[i] / src_div: the token of slot rows[i]); rows[i] < 0:

@@ -207,6 +207,16 @@ __global__ void k_qdequant(Args a, int e, T* __restrict__ out, long long ldw) {
   float s, zb;
   group_of<Code>(a, e, n, 8 * c, s, zb);
   const std::int32_t* perm = a.perm != nullptr ? a.perm + static_cast<long long>(e) * a.K : nullptr;
+  // Without a permutation the word's 8 weights are contiguous: one 8-element store (16 bytes in bf16/fp16).
+  if (perm == nullptr && ldw % 8 == 0 && reinterpret_cast<std::uintptr_t>(out) % (8 * sizeof(T)) == 0) {
+    struct alignas(8 * sizeof(T)) Eight {
+      T v[8];
+    } o;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o.v[j] = from_f<T>(weight<Code, Round>(code, (ws >> (4 * j)) & 0xFu, s, zb));
+    *reinterpret_cast<Eight*>(out + n * ldw + 8 * c) = o;
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int k = perm != nullptr ? perm[8 * c + j] : 8 * c + j;
