@@ -388,7 +388,8 @@ void test_route_group(int P, int E, bool skewed, bool allow_pad, std::uint32_t s
     CHECK(gi[static_cast<std::size_t>(E) + 1] == mx);
     CHECK(gi[static_cast<std::size_t>(E) + 2] == (pad ? 1 : 0));
   }
-  MESSAGE("route_group P " << P << " E " << E << (skewed ? " skewed" : "") << ": Mmax " << mx << (pad ? " padded" : " unpadded"));
+  MESSAGE("route_group P " << P << " E " << E << std::string(skewed ? " skewed" : "") << ": Mmax " << mx
+                            << std::string(pad ? " padded" : " unpadded"));
 }
 
 template <class T>
