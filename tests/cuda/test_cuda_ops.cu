@@ -18,6 +18,7 @@
 #include <fpf/model/rope.hpp>
 #include <fpf/taps/capture.hpp>
 
+#include "../reference_signals.hpp"
 #include "cuda_test_util.cuh"
 
 using namespace fpf;
@@ -355,6 +356,35 @@ void test_router(int E, int k, bool norm, std::uint32_t seed) {
   CHECK(e <= 1e-5);  // softmax and weights are fp32 whatever T
 }
 
+// The decode router in one launch (ops::router_gemv: logits as gemv, the last block routes): logits, ids and weights
+// bit-identical to gemv then router, for 1..8 rows and over repeated launches (the counter resets itself).
+template <class T>
+void test_router_gemv(int E, int k, int K, std::uint32_t seed) {
+  std::vector<float> x = randn(static_cast<std::size_t>(8) * K, seed), w = randn(static_cast<std::size_t>(E) * K, seed + 1, 0.2f);
+  auto dx = to_device(round_to<T>(x));
+  auto dw = to_device(round_to<T>(w));
+  DeviceBuffer<unsigned> counter(1);
+  FPF_CUDA(cudaMemset(counter.get(), 0, sizeof(unsigned)));
+  for (int M : {1, 3, 8}) {
+    CAPTURE(M);
+    REQUIRE(ops::router_gemv_fits<T>(dx.get(), dw.get(), M, E, K, k));
+    DeviceBuffer<T> la(static_cast<std::size_t>(M) * E), lb(static_cast<std::size_t>(M) * E);
+    DeviceBuffer<std::int32_t> ia(static_cast<std::size_t>(M) * k), ib(static_cast<std::size_t>(M) * k);
+    DeviceBuffer<float> wa(static_cast<std::size_t>(M) * k), wb(static_cast<std::size_t>(M) * k);
+    ops::gemv<T>(dx.get(), M, dw.get(), E, K, la.get());
+    ops::router<T>(la.get(), M, E, k, true, ia.get(), wa.get());
+    for (int rep = 0; rep < 3; ++rep) {
+      poison(lb);
+      FPF_CUDA(cudaMemset(ib.get(), 0xff, ib.size() * sizeof(std::int32_t)));
+      ops::router_gemv<T>(dx.get(), M, dw.get(), E, K, lb.get(), k, true, ib.get(), wb.get(), counter.get());
+      FPF_CUDA(cudaDeviceSynchronize());
+      CHECK(fpf::testing::bit_differences(to_host(lb, lb.size()), to_host(la, la.size())) == 0);
+      CHECK(ib.download(ib.size()) == ia.download(ia.size()));
+      CHECK(fpf::testing::bit_differences(wb.download(wb.size()), wa.download(wa.size())) == 0);
+    }
+  }
+}
+
 // ops::route_group against a host stable counting sort: every slot at its expert's start (or e * Mmax when padded)
 // plus its rank among the earlier slots of the same expert; padding rows -1; offsets, Mmax and the choice.
 void test_route_group(int P, int E, bool skewed, bool allow_pad, std::uint32_t seed) {
@@ -430,6 +460,25 @@ void test_moe_gemv_combine(std::uint32_t seed) {
   const double ec = rel_l2(gotc, refc);
   MESSAGE("moe_combine " << dtype_name(dtype_of<T>()) << ": rel L2 " << ec);
   CHECK(ec <= tolerance<T>());
+
+  // The decode fusion (combine, then the next layer's RMSNorm, one kernel): bit-identical to the two ops, for the
+  // residual it writes and the norm (a row longer than one block's registers too).
+  for (int Hn : {H, 2304}) {
+    CAPTURE(Hn);
+    std::vector<float> yh = randn(static_cast<std::size_t>(R) * k * Hn, seed + 7), nw = randn(static_cast<std::size_t>(Hn), seed + 8);
+    std::vector<float> r0 = randn(static_cast<std::size_t>(R) * Hn, seed + 9, 4.0f);
+    auto dye = to_device(round_to<T>(yh));
+    auto dnw = to_device(nw);
+    auto xa = to_device(round_to<T>(r0)), xb = to_device(round_to<T>(r0));
+    DeviceBuffer<T> na(static_cast<std::size_t>(R) * Hn), nb(static_cast<std::size_t>(R) * Hn);
+    poison(na);
+    poison(nb);
+    ops::moe_combine<T>(xa.get(), dye.get(), nullptr, dwts.get(), R, k, Hn);
+    ops::rmsnorm<T>(xa.get(), nullptr, dnw.get(), na.get(), R, Hn, 1e-6f);
+    ops::moe_combine_rmsnorm<T>(xb.get(), dye.get(), dwts.get(), R, k, Hn, dnw.get(), nb.get(), 1e-6f);
+    CHECK(fpf::testing::bit_differences(to_host(xb, r0.size()), to_host(xa, r0.size())) == 0);
+    CHECK(fpf::testing::bit_differences(to_host(nb, r0.size()), to_host(na, r0.size())) == 0);
+  }
 }
 
 template <class T>
@@ -489,6 +538,8 @@ void all_ops(std::uint32_t seed) {
   test_swiglu<T>(seed + 50);
   test_router<T>(128, 8, true, seed + 60);
   test_router<T>(6, 3, false, seed + 61);
+  test_router_gemv<T>(128, 8, 2048, seed + 66);
+  test_router_gemv<T>(60, 4, 64, seed + 67);
   if constexpr (std::is_same_v<T, float>) {
     for (bool pad : {true, false}) {
       test_route_group(48000, 128, false, pad, seed + 62);

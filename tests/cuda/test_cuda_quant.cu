@@ -110,6 +110,14 @@ void check_kind(const Kind& kind, int N, int K, int G, std::uint32_t seed) {
     cuda::DeviceBuffer<T> y(static_cast<std::size_t>(4) * N);
     dw.moe_gemv<T>(xd.get(), K, 2, idd.get(), 4, y.get(), N);
     const std::vector<float> got = to_host(y, static_cast<std::size_t>(4) * N);
+    // gate_up with the SwiGLU fused (rows n and N/2 + n): bit-identical to moe_gemv then ops::swiglu, where it applies.
+    if (N % 2 == 0) {
+      cuda::DeviceBuffer<T> a(static_cast<std::size_t>(4) * N / 2), b(static_cast<std::size_t>(4) * N / 2);
+      cuda::ops::swiglu<T>(y.get(), a.get(), 4, N / 2);
+      const bool fused = dw.moe_gemv_swiglu<T>(xd.get(), K, 2, idd.get(), 4, b.get(), N / 2);
+      CHECK(fused == (K % 32 == 0 && G % 32 == 0 && !kind.perm));
+      if (fused) CHECK(fpf::testing::bit_differences(to_host(b, a.size()), to_host(a, a.size())) == 0);
+    }
     std::vector<float> want(static_cast<std::size_t>(4) * N);
     for (int p = 0; p < 4; ++p)
       for (int n = 0; n < N; ++n) {

@@ -4,6 +4,7 @@
 //   apply   Y[M, N] = X W^T                (E == 1): dense -> Gemm::linear; packed -> fused dequant GEMV for M <= 8,
 //                                           else dequantize to T into a scratch matrix and the same Gemm::linear
 //   moe_gemv  per slot p: Y[p] = W_{ids[p]} X[p / x_div]   (decode MoE, expert ids read on the device)
+//   moe_gemv_swiglu  the same over gate_up rows, then the SwiGLU (fused for 4-bit weights)
 //   expert  Y[M, N] = X W_e^T              (prefill MoE, one expert's grouped rows)
 //   experts_grouped / experts_batched       (prefill MoE, all experts in one product: grouped_gemm.cuh in bf16/fp16,
 //                                           cuBLASLt strided-batched on rows padded to the largest count in fp32)
@@ -65,6 +66,15 @@ class Linear {
   void moe_gemv(const T* X, int x_div, const std::int32_t* ids, int slots, T* Y, cudaStream_t s = 0) const {
     if (!quantized()) return ops::moe_gemv<T>(X, x_div, dense_.get(), ids, slots, N_, K_, Y, s);
     for (const Part& p : parts_) p.w.template moe_gemv<T>(X, K_, x_div, ids, slots, Y + p.row0, N_, s);
+  }
+
+  // moe_gemv over gate_up rows (gate first), then the SwiGLU: A[p] = silu(Y[p, :N/2]) * Y[p, N/2:] (ops::swiglu's
+  // values). 4-bit weights of one part: one fused kernel (q::Weight::moe_gemv_swiglu) that never writes Y; else
+  // moe_gemv into Y and ops::swiglu.
+  void moe_gemv_swiglu(const T* X, int x_div, const std::int32_t* ids, int slots, T* Y, T* A, cudaStream_t s = 0) const {
+    if (parts_.size() == 1 && parts_.front().w.template moe_gemv_swiglu<T>(X, K_, x_div, ids, slots, A, N_ / 2, s)) return;
+    moe_gemv(X, x_div, ids, slots, Y, s);
+    ops::swiglu<T>(Y, A, static_cast<std::size_t>(slots), N_ / 2, s);
   }
 
   // All E matrices in one product on inputs padded to Mmax rows each (prefill MoE): Y_e = X_e W_e^T with X

@@ -236,19 +236,17 @@ void swiglu(const T* gu, T* a, std::size_t rows, int I, cudaStream_t s = 0) {
 // taken in selection order, as the CPU reference), output sorted by expert id ascending (the order the outputs
 // are summed in). One warp per row; smem E floats.
 // ---------------------------------------------------------------------------------------------------------------
-template <class T>
-__global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, std::int32_t* __restrict__ ids,
-                         float* __restrict__ wts) {
-  extern __shared__ float p[];
-  __shared__ int sel[64];
-  __shared__ float selw[64];
-  const int r = blockIdx.x, lane = threadIdx.x;
-  const T* x = logits + static_cast<std::size_t>(r) * E;
+// One row's routing by one warp: logit(e) gives expert e's logit as float; p (E), sel and selw (k): this warp's
+// shared memory.
+template <class Logit>
+__device__ void route_row(Logit logit, int E, int k, int norm, float* p, int* sel, float* selw, std::int32_t* __restrict__ ids,
+                          float* __restrict__ wts) {
+  const int lane = threadIdx.x & 31;
   float m = -INFINITY;
-  for (int e = lane; e < E; e += 32) m = fmaxf(m, to_f(x[e]));
+  for (int e = lane; e < E; e += 32) m = fmaxf(m, logit(e));
   m = warp_max(m);
   float sum = 0.0f;
-  for (int e = lane; e < E; e += 32) sum += (p[e] = expf(to_f(x[e]) - m));
+  for (int e = lane; e < E; e += 32) sum += (p[e] = expf(logit(e) - m));
   sum = warp_sum(sum);
   for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
   __syncwarp();
@@ -278,8 +276,20 @@ __global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, s
         const int i = sel[t]; sel[t] = sel[t - 1]; sel[t - 1] = i;
         const float w = selw[t]; selw[t] = selw[t - 1]; selw[t - 1] = w;
       }
-    for (int s = 0; s < k; ++s) ids[r * k + s] = sel[s], wts[r * k + s] = selw[s];
+    for (int s = 0; s < k; ++s) ids[s] = sel[s], wts[s] = selw[s];
   }
+}
+
+// One warp per row (a block each); smem E floats.
+template <class T>
+__global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, std::int32_t* __restrict__ ids,
+                         float* __restrict__ wts) {
+  extern __shared__ float p[];
+  __shared__ int sel[64];
+  __shared__ float selw[64];
+  const int r = blockIdx.x;
+  const T* x = logits + static_cast<std::size_t>(r) * E;
+  route_row([&](int e) { return to_f(x[e]); }, E, k, norm, p, sel, selw, ids + r * k, wts + r * k);
 }
 template <class T>
 void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* ids, float* wts, cudaStream_t s = 0) {
@@ -312,6 +322,51 @@ void moe_combine(T* x, const T* ye, const std::int32_t* slot_row, const float* w
   if (rows == 0) return;
   k_moe_combine<T><<<dim3(rows, blocks_for(static_cast<std::size_t>(H), 256)), 256, 0, s>>>(x, ye, slot_row, wts, k, H);
   FPF_CUDA_LAUNCH("moe_combine");
+}
+
+// moe_combine (slot_row null) and the next RMSNorm in one kernel, one block per row (decode): x[r] += T(y) exactly as
+// k_moe_combine, then out[r] = rmsnorm(x[r]) exactly as k_rmsnorm. Same values as moe_combine() then rmsnorm().
+template <class T>
+__global__ void k_moe_combine_rmsnorm(T* __restrict__ x, const T* __restrict__ ye, const float* __restrict__ wts, int k, int n,
+                                      const float* __restrict__ w, T* __restrict__ out, float eps) {
+  __shared__ double scratch[32];
+  const int r = blockIdx.x;
+  T* xr = x + static_cast<std::size_t>(r) * n;
+  auto combined = [&](int j) {
+    float y = 0.0f;
+    for (int s = 0; s < k; ++s) {
+      const std::size_t row = static_cast<std::size_t>(r) * k + s;
+      y += to_f(ye[row * n + j]) * wts[r * k + s];
+    }
+    return from_f<T>(to_f(xr[j]) + to_f(from_f<T>(y)));
+  };
+  float v[kRowPer];
+#pragma unroll
+  for (int u = 0; u < kRowPer; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    v[u] = i < n ? to_f(combined(i)) : 0.0f;
+  }
+  double ss = 0.0;
+#pragma unroll
+  for (int u = 0; u < kRowPer; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    if (i < n) xr[i] = from_f<T>(v[u]);  // exact: v[u] is a T value
+    ss += static_cast<double>(v[u]) * v[u];
+  }
+  for (int i = threadIdx.x + kRowPer * blockDim.x; i < n; i += blockDim.x) {
+    const T t = combined(i);
+    xr[i] = t;
+    const double d = to_f(t);
+    ss += d * d;
+  }
+  rmsnorm_finish(v, xr, w, out + static_cast<std::size_t>(r) * n, n, block_sum(ss, scratch), eps);
+}
+template <class T>
+void moe_combine_rmsnorm(T* x, const T* ye, const float* wts, int rows, int k, int H, const float* w, T* out, float eps,
+                         cudaStream_t s = 0) {
+  if (rows == 0) return;
+  k_moe_combine_rmsnorm<T><<<rows, 256, 0, s>>>(x, ye, wts, k, H, w, out, eps);
+  FPF_CUDA_LAUNCH("moe_combine_rmsnorm");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -560,116 +615,213 @@ void moe_gemv(const T* X, int x_div, const T* W, const std::int32_t* ids, int sl
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// log_softmax over the full vocabulary + top-k + argmax. lp = (x - max) - log(sum exp(x - max)),
-// the sum in double (as the CPU reference); top-k by lp descending, ties to the lower id; argmax over the logits,
-// first maximum.
+// Decode router in one launch: the router logits as gemv (k_gemv's warps, values and rounding to T, written to
+// `logits` as well), then the last block to finish (a device counter, reset by that block for the next launch)
+// routes each of the M rows as k_router. Same ids and weights as gemv() then router(), one launch fewer. The
+// counter only elects the block; every value is computed in one fixed order.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void better(float& bv, int& bi, float v, int i) {
-  if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+inline constexpr int kRouterWarps = 8;
+template <class T, int M>
+__global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __restrict__ X, const T* __restrict__ W, int E, int K,
+                                                                  T* logits, int k, int norm, std::int32_t* __restrict__ ids,
+                                                                  float* __restrict__ wts, unsigned* counter) {
+  extern __shared__ float p[];  // [kRouterWarps][E]
+  __shared__ int sel[kRouterWarps][64];
+  __shared__ float selw[kRouterWarps][64];
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * kRouterWarps + warp;
+  if (n < E) {
+    float acc[M];
+    dot_rows<T, M, true>(W + static_cast<std::size_t>(n) * K, X, K, K, acc);
+    if (lane == 0)
+#pragma unroll
+      for (int m = 0; m < M; ++m) logits[static_cast<std::size_t>(m) * E + n] = from_f<T>(acc[m]);
+  }
+  __threadfence();  // this block's logits are visible device-wide before it counts itself done
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (warp < M) {
+    const T* x = logits + static_cast<std::size_t>(warp) * E;
+    route_row([&](int e) { return to_f(__ldcg(x + e)); }, E, k, norm, p + warp * E, sel[warp], selw[warp], ids + warp * k,
+              wts + warp * k);
+  }
+  if (threadIdx.x == 0) *counter = 0u;
 }
-__device__ __forceinline__ void block_best(float& bv, int& bi, float* sv, int* si) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
-  __syncthreads();
-  if (lane == 0) sv[warp] = bv, si[warp] = bi;
-  __syncthreads();
-  bv = lane < nw ? sv[lane] : -INFINITY;
-  bi = lane < nw ? si[lane] : 0x7fffffff;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+// Whether router_gemv applies (else gemv + router).
+template <class T>
+bool router_gemv_fits(const T* X, const T* W, int M, int E, int K, int k) {
+  return M >= 1 && M <= kGemvMaxRows && M <= kRouterWarps && k <= 64 && vectorizable<T>(X, W, K) &&
+         static_cast<std::size_t>(kRouterWarps) * E * sizeof(float) <= 32 * 1024;
+}
+// counter: one unsigned on the device, 0 before the first launch.
+template <class T>
+void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, bool norm, std::int32_t* ids, float* wts,
+                 unsigned* counter, cudaStream_t s = 0) {
+  const unsigned blocks = blocks_for(static_cast<std::size_t>(E), kRouterWarps);
+  const std::size_t smem = static_cast<std::size_t>(kRouterWarps) * E * sizeof(float);
+  const int nm = norm ? 1 : 0;
+  switch (M) {
+#define FPF_ROUTER_M(MM) \
+  case MM: k_router_gemv<T, MM><<<blocks, 32 * kRouterWarps, smem, s>>>(X, W, E, K, logits, k, nm, ids, wts, counter); break;
+    FPF_ROUTER_M(1) FPF_ROUTER_M(2) FPF_ROUTER_M(3) FPF_ROUTER_M(4) FPF_ROUTER_M(5) FPF_ROUTER_M(6) FPF_ROUTER_M(7) FPF_ROUTER_M(8)
+#undef FPF_ROUTER_M
+    default: throw Error("router_gemv", "1 to 8 rows");
+  }
+  FPF_CUDA_LAUNCH("router_gemv");
 }
 
-// Three passes over slices of the row so that one row keeps many blocks busy (decode has one row per sequence):
-//   1. per slice: max and first argmax;
-//   2. per slice: m = the row max (the slices' maxima combined in slice order), sum exp(x - m) in double (fixed
-//      tree), and the slice's top (k + 4) logits (value descending, ties to the lower id);
-//   3. per row: logsum = log(sum of the slices' sums in slice order); lp = (x - m) - logsum of the candidates,
-//      top-k by lp descending, ties to the lower id (as the CPU reference ranks lp, not x; lp is x shifted, so the
-//      candidates hold the top-k unless more than 4 ids of one slice round to the same lp).
-inline constexpr int kLsmSlices = 64, kLsmExtra = 4;
+// ---------------------------------------------------------------------------------------------------------------
+// log_softmax over the full vocabulary + top-k + argmax. lp = (x - max) - log(sum exp(x - max)), the sum in
+// double (the CPU reference sums exp(x - max) directly; here per slice exp(x - m_s), rescaled by exp(m_s - max):
+// equal up to double rounding); top-k by lp descending, ties to the lower id; argmax over the logits, first maximum.
+// ---------------------------------------------------------------------------------------------------------------
+// Two kernels, so that one row keeps many blocks busy (decode has one row per sequence) and no pass repeats a scan:
+//   1. per slice of kLsmSliceLen logits (one block, the slice in registers): the slice's max m_s and first argmax,
+//      sum_i exp(x_i - m_s) in double (per thread in ascending i, then block_sum's fixed tree), and the slice's top
+//      K = k + kLsmExtra logits (value descending, ties to the lower id): each warp takes its top K by K rounds of a
+//      warp arg-max, warp 0 merges the warps' sorted lists;
+//   2. per row (one warp): m = the max of the m_s, sum = sum_s exp(m_s - m) * sum_s (double; each lane its slices in
+//      ascending order, then a butterfly), logsum = log(sum); the row's top K logits merged from the slices' sorted
+//      lists; lp = (x - m) - logsum of those, top-k by lp descending, ties to the lower id (the CPU reference ranks
+//      lp, not x; lp is x shifted, so the K candidates hold the top-k unless more than kLsmExtra ids round to one lp).
+// Arg-maxes compare 64-bit keys: the float's bits made unsigned-orderable, then ~id, so the larger key is the larger
+// value and, among equal values, the lower id. Key 0 stands below every value (an exhausted list).
+inline constexpr int kLsmThreads = 256, kLsmPer = 8, kLsmSliceLen = kLsmThreads * kLsmPer, kLsmExtra = 4;
 
-__device__ __forceinline__ float row_max_of_slices(const float* pmax, int S) {
-  float m = -INFINITY;
-  for (int s = 0; s < S; ++s) m = fmaxf(m, pmax[s]);
-  return m;
+__device__ __forceinline__ unsigned long long lsm_key(float v, int id) {
+  const unsigned b = __float_as_uint(v);
+  const unsigned o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (static_cast<unsigned long long>(o) << 32) | (0xFFFFFFFFu - static_cast<unsigned>(id));
+}
+__device__ __forceinline__ float lsm_value(unsigned long long key) {
+  const unsigned o = static_cast<unsigned>(key >> 32);
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7FFFFFFFu) : ~o);
+}
+__device__ __forceinline__ int lsm_id(unsigned long long key) { return static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(key)); }
+__device__ __forceinline__ unsigned long long warp_max_key(unsigned long long k) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long t = __shfl_xor_sync(0xffffffffu, k, o);
+    k = t > k ? t : k;
+  }
+  return k;
 }
 
 template <class T>
-__global__ void k_lsm_max(const T* __restrict__ logits, long long V, float* __restrict__ pmax, int* __restrict__ parg) {
-  __shared__ float sv[32];
-  __shared__ int si[32];
-  const long long slice = (V + gridDim.y - 1) / gridDim.y, b = blockIdx.y * slice, e = min(V, b + slice);
-  const T* x = logits + static_cast<std::size_t>(blockIdx.x) * V;
-  float bv = -INFINITY;
-  int bi = 0x7fffffff;
-  for (long long i = b + threadIdx.x; i < e; i += blockDim.x) better(bv, bi, to_f(x[i]), static_cast<int>(i));
-  block_best(bv, bi, sv, si);
-  if (threadIdx.x == 0) pmax[blockIdx.x * gridDim.y + blockIdx.y] = bv, parg[blockIdx.x * gridDim.y + blockIdx.y] = bi;
-}
-
-template <class T>
-__global__ void k_lsm_sum_cand(const T* __restrict__ logits, long long V, int K, const float* __restrict__ pmax,
-                               double* __restrict__ psum, int* __restrict__ cid, float* __restrict__ cval) {
-  __shared__ float sv[32];
-  __shared__ int si[32];
+__global__ void __launch_bounds__(kLsmThreads) k_lsm_slice(const T* __restrict__ logits, long long V, int K,
+                                                          unsigned long long* __restrict__ pkey, float* __restrict__ pmax,
+                                                          double* __restrict__ psum, unsigned long long* __restrict__ cand) {
   __shared__ double sd[32];
-  __shared__ int chosen[256 + kLsmExtra];
+  __shared__ unsigned long long sk[32];
+  extern __shared__ unsigned long long lists[];  // [warps][K]
   const int S = gridDim.y, slot = blockIdx.x * S + blockIdx.y;
-  const long long slice = (V + S - 1) / S, b = blockIdx.y * slice, e = min(V, b + slice);
+  const long long b = static_cast<long long>(blockIdx.y) * kLsmSliceLen;
   const T* x = logits + static_cast<std::size_t>(blockIdx.x) * V;
-  const float m = row_max_of_slices(pmax + blockIdx.x * S, S);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float v[kLsmPer];
+  unsigned long long key[kLsmPer];
+  unsigned long long best = 0;
+#pragma unroll
+  for (int u = 0; u < kLsmPer; ++u) {
+    const long long i = b + threadIdx.x + static_cast<long long>(u) * kLsmThreads;
+    v[u] = i < V ? to_f(x[i]) : -INFINITY;
+    key[u] = i < V ? lsm_key(v[u], static_cast<int>(i)) : 0ull;
+    best = key[u] > best ? key[u] : best;
+  }
+  // the slice's max (and its first index)
+  unsigned long long mk = warp_max_key(best);
+  __syncthreads();
+  if (lane == 0) sk[warp] = mk;
+  __syncthreads();
+  mk = warp_max_key(lane < nw ? sk[lane] : 0ull);
+  const float m = lsm_value(mk);
   double sum = 0.0;
-  for (long long i = b + threadIdx.x; i < e; i += blockDim.x) sum += exp(static_cast<double>(to_f(x[i]) - m));
+#pragma unroll
+  for (int u = 0; u < kLsmPer; ++u)
+    if (key[u] != 0) sum += exp(static_cast<double>(v[u] - m));
   sum = block_sum(sum, sd);
-  if (threadIdx.x == 0) psum[slot] = sum;
-  for (int s = 0; s < K; ++s) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (long long i = b + threadIdx.x; i < e; i += blockDim.x) {
-      bool taken = false;
-      for (int t = 0; t < s; ++t) taken |= chosen[t] == i;
-      if (!taken) better(bv, bi, to_f(x[i]), static_cast<int>(i));
+  if (threadIdx.x == 0) pkey[slot] = mk, pmax[slot] = m, psum[slot] = sum;
+  // each warp's top K, then warp 0 merges the sorted lists
+  for (int r = 0; r < K; ++r) {
+    const unsigned long long w = warp_max_key(best);
+    if (lane == 0) lists[warp * K + r] = w;
+    if (w != 0 && best == w) {  // the owner lane drops it and finds its next best
+      best = 0;
+#pragma unroll
+      for (int u = 0; u < kLsmPer; ++u) {
+        if (key[u] == w) key[u] = 0;
+        best = key[u] > best ? key[u] : best;
+      }
     }
-    block_best(bv, bi, sv, si);
-    if (threadIdx.x == 0) chosen[s] = bi, cid[static_cast<std::size_t>(slot) * K + s] = bi, cval[static_cast<std::size_t>(slot) * K + s] = bv;
-    __syncthreads();
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  int ptr = 0;  // lane l < nw: the head of warp l's list
+  unsigned long long head = lane < nw ? lists[lane * K] : 0ull;
+  for (int r = 0; r < K; ++r) {
+    const unsigned long long w = warp_max_key(head);
+    if (lane == 0) cand[static_cast<std::size_t>(slot) * K + r] = w;
+    if (w != 0 && head == w) head = ++ptr < K ? lists[lane * K + ptr] : 0ull;
   }
 }
 
-// One warp per row.
+// One warp per row; smem: K candidates + S list pointers.
 template <class = void>
-__global__ void k_lsm_final(const float* __restrict__ pmax, const int* __restrict__ parg, const double* __restrict__ psum,
-                            const int* __restrict__ cid, const float* __restrict__ cval, int S, int K, int k,
+__global__ void k_lsm_final(const unsigned long long* __restrict__ pkey, const float* __restrict__ pmax,
+                            const double* __restrict__ psum, const unsigned long long* __restrict__ cand, int S, int K, int k,
                             std::int32_t* __restrict__ top_ids, float* __restrict__ top_lp, std::int32_t* __restrict__ argmax) {
-  __shared__ int chosen[256];
+  extern __shared__ unsigned long long top[];  // [K] the row's top K by value, then (as int) the slices' pointers
+  int* ptr = reinterpret_cast<int*>(top + K);
   const int r = blockIdx.x, lane = threadIdx.x;
-  const float m = row_max_of_slices(pmax + r * S, S);
+  const unsigned long long* pk = pkey + static_cast<std::size_t>(r) * S;
+  const float* pm = pmax + static_cast<std::size_t>(r) * S;
+  const double* ps = psum + static_cast<std::size_t>(r) * S;
+  const unsigned long long* cd = cand + static_cast<std::size_t>(r) * S * K;
+  unsigned long long mk = 0;
+  for (int s = lane; s < S; s += 32) mk = pk[s] > mk ? pk[s] : mk;
+  mk = warp_max_key(mk);
+  const float m = lsm_value(mk);
   double sum = 0.0;
-  for (int s = 0; s < S; ++s) sum += psum[r * S + s];
+  for (int s = lane; s < S; s += 32) sum += exp(static_cast<double>(pm[s] - m)) * ps[s];
+  sum = warp_sum(sum);
   const float logsum = static_cast<float>(log(sum));
-  if (lane == 0) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int s = 0; s < S; ++s) better(bv, bi, pmax[r * S + s], parg[r * S + s]);
-    argmax[r] = bi;
+  if (lane == 0) argmax[r] = lsm_id(mk);
+  // merge: lane l owns the lists l, l + 32, ...; its best head
+  unsigned long long head = 0;
+  for (int s = lane; s < S; s += 32) {
+    ptr[s] = 0;
+    head = cd[static_cast<std::size_t>(s) * K] > head ? cd[static_cast<std::size_t>(s) * K] : head;
   }
-  const int n = S * K;
-  const int* ids = cid + static_cast<std::size_t>(r) * n;
-  const float* vals = cval + static_cast<std::size_t>(r) * n;
-  for (int s = 0; s < k; ++s) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int c = lane; c < n; c += 32) {
-      const int id = ids[c];
-      if (id == 0x7fffffff) continue;  // a slice with fewer than K values
-      bool taken = false;
-      for (int t = 0; t < s; ++t) taken |= chosen[t] == id;
-      if (!taken) better(bv, bi, (vals[c] - m) - logsum, id);
+  for (int t = 0; t < K; ++t) {
+    const unsigned long long w = warp_max_key(head);
+    if (lane == 0) top[t] = w;
+    if (w != 0 && head == w) {
+      head = 0;
+      for (int s = lane; s < S; s += 32) {
+        const unsigned long long* l = cd + static_cast<std::size_t>(s) * K;
+        if (ptr[s] < K && l[ptr[s]] == w) ++ptr[s];
+        const unsigned long long h = ptr[s] < K ? l[ptr[s]] : 0ull;
+        head = h > head ? h : head;
+      }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
-    if (lane == 0) chosen[s] = bi, top_ids[r * k + s] = bi, top_lp[r * k + s] = bv;
+  }
+  __syncwarp();
+  // top-k of the candidates by lp = (x - m) - logsum, ties to the lower id
+  for (int s = 0; s < k; ++s) {
+    unsigned long long bk = 0;
+    int bc = -1;
+    for (int c = lane; c < K; c += 32)
+      if (top[c] != 0) {
+        const unsigned long long ck = lsm_key((lsm_value(top[c]) - m) - logsum, lsm_id(top[c]));
+        if (ck > bk) bk = ck, bc = c;
+      }
+    const unsigned long long w = warp_max_key(bk);
+    if (w != 0 && bk == w) top[bc] = 0;
+    if (lane == 0) top_ids[r * k + s] = w != 0 ? lsm_id(w) : 0x7fffffff, top_lp[r * k + s] = w != 0 ? lsm_value(w) : -INFINITY;
     __syncwarp();
   }
 }
@@ -679,20 +831,19 @@ void log_softmax_topk(const T* logits, int rows, long long V, int k, std::int32_
                       std::int32_t* argmax, cudaStream_t s = 0) {
   if (rows == 0) return;
   if (k > 256) throw Error("--topk", "the CUDA backend supports at most 256");
-  static DeviceBuffer<float> pmax, cval;
-  static DeviceBuffer<int> parg, cid;
+  static DeviceBuffer<float> pmax;
   static DeviceBuffer<double> psum;
-  const int S = static_cast<int>(std::min<long long>(kLsmSlices, (V + 255) / 256));
-  const int K = static_cast<int>(std::min<long long>(k + kLsmExtra, (V + S - 1) / S));
+  static DeviceBuffer<unsigned long long> pkey, cand;
+  const int S = static_cast<int>((V + kLsmSliceLen - 1) / kLsmSliceLen);
+  const int K = k + kLsmExtra;
+  pkey.resize(static_cast<std::size_t>(rows) * S);
   pmax.resize(static_cast<std::size_t>(rows) * S);
-  parg.resize(static_cast<std::size_t>(rows) * S);
   psum.resize(static_cast<std::size_t>(rows) * S);
-  cid.resize(static_cast<std::size_t>(rows) * S * K);
-  cval.resize(static_cast<std::size_t>(rows) * S * K);
-  const dim3 grid(rows, S);
-  k_lsm_max<T><<<grid, 256, 0, s>>>(logits, V, pmax.get(), parg.get());
-  k_lsm_sum_cand<T><<<grid, 256, 0, s>>>(logits, V, K, pmax.get(), psum.get(), cid.get(), cval.get());
-  k_lsm_final<><<<rows, 32, 0, s>>>(pmax.get(), parg.get(), psum.get(), cid.get(), cval.get(), S, K, k, top_ids, top_lp, argmax);
+  cand.resize(static_cast<std::size_t>(rows) * S * K);
+  k_lsm_slice<T><<<dim3(rows, S), kLsmThreads, (kLsmThreads / 32) * K * sizeof(unsigned long long), s>>>(
+      logits, V, K, pkey.get(), pmax.get(), psum.get(), cand.get());
+  k_lsm_final<><<<rows, 32, K * sizeof(unsigned long long) + S * sizeof(int), s>>>(pkey.get(), pmax.get(), psum.get(), cand.get(), S,
+                                                                                 K, k, top_ids, top_lp, argmax);
   FPF_CUDA_LAUNCH("log_softmax_topk");
 }
 
