@@ -6,6 +6,7 @@
 // read per microsecond (GB/s of weights and KV).
 //   fpf-cuda-kernel-bench [--keys 6000] [--iters 200]
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -254,6 +255,86 @@ int main(int argc, char** argv) {
     std::printf("moe_combine + rmsnorm fused %.2f us; affine-4bit decode step estimate (flash): %.2f ms = 48 x (products %.1f + attention "
                 "%.1f + small %.1f us) + lm_head %.1f + lsm %.1f us\n",
                 t_comb_norm, (48 * (awq_fused + df + small_fused) + tl + t_lsm) / 1e3, awq_fused, df, small_fused, tl, t_lsm);
+  }
+  // ---- whole 4-bit decode layers, as the backend runs them, over kLayers distinct weight sets ----
+  // The kernels above reread one weight set, which then sits in the 50 MB L2; a decode step reads 2.65 GB. Here
+  // each of kLayers layers has its own q/k/v and o weights and KV cache, and its MoE slots take experts no other
+  // layer takes (kLayers disjoint sets of 8 of the 128), so every layer reads from HBM as in a real step. One layer
+  // is: rmsnorm, q/k/v GEMV, q/k norm + RoPE, flash decode, o GEMV, add + rmsnorm, router GEMV + top-k, gate_up GEMV,
+  // SwiGLU, down GEMV, combine. Run with FPF_PDL=0 to time it without programmatic dependent launch.
+  {
+    constexpr int kLayers = 16;
+    std::vector<quant::Packed4> pq, po, pgu, pdn;
+    pq.push_back(packed(quant::Packed4::Code::Affine, q_dim + 2 * kv_dim, H, 21));
+    po.push_back(packed(quant::Packed4::Code::Affine, H, q_dim, 22));
+    for (int e = 0; e < E; ++e) {
+      pgu.push_back(packed(quant::Packed4::Code::Affine, 2 * I, H, 100 + e));
+      pdn.push_back(packed(quant::Packed4::Code::Affine, H, I, 300 + e));
+    }
+    cuda::PinnedUploader up;
+    std::vector<cuda::q::Weight> wq(kLayers), wo(kLayers);
+    for (int l = 0; l < kLayers; ++l) wq[l].upload(pq, up), wo[l].upload(po, up);
+    cuda::q::Weight wgu, wdn;
+    wgu.upload(pgu, up);
+    wdn.upload(pdn, up);
+    auto router_w = random_device<T>(static_cast<std::size_t>(E) * H, 23);
+    std::vector<std::int32_t> sets(static_cast<std::size_t>(kLayers) * k);
+    for (int l = 0; l < kLayers; ++l)
+      for (int j = 0; j < k; ++j) sets[static_cast<std::size_t>(l * k + j)] = j * kLayers + l;  // disjoint, spread out
+    cuda::DeviceBuffer<std::int32_t> lids(sets.size()), rids(static_cast<std::size_t>(k));
+    lids.upload(sets.data(), sets.size());
+    std::vector<cuda::DeviceBuffer<T>> kcs, vcs;
+    std::vector<T*> kps, vps;
+    for (int l = 0; l < kLayers; ++l) {
+      kcs.push_back(random_device<T>(static_cast<std::size_t>(keys) * kv_dim, 30 + l));
+      vcs.push_back(random_device<T>(static_cast<std::size_t>(keys) * kv_dim, 60 + l));
+      kps.push_back(kcs.back().get()), vps.push_back(vcs.back().get());
+    }
+    cuda::DeviceBuffer<T*> ktab(kLayers), vtab(kLayers);
+    ktab.upload(kps.data(), kps.size());
+    vtab.upload(vps.data(), vps.size());
+    cuda::DeviceBuffer<float> nw(static_cast<std::size_t>(H)), inv(static_cast<std::size_t>(D / 2)), rw(static_cast<std::size_t>(k));
+    std::vector<float> ones(static_cast<std::size_t>(H), 1.0f), invh(static_cast<std::size_t>(D / 2));
+    for (int i = 0; i < D / 2; ++i) invh[static_cast<std::size_t>(i)] = std::pow(1e6f, -2.0f * i / D);
+    nw.upload(ones.data(), ones.size());
+    inv.upload(invh.data(), invh.size());
+    cuda::DeviceBuffer<unsigned> counter(1);
+    FPF_CUDA(cudaMemset(counter.get(), 0, sizeof(unsigned)));
+    auto xr = random_device<T>(static_cast<std::size_t>(H), 24);
+    cuda::DeviceBuffer<T> hn(static_cast<std::size_t>(H)), qkvb(static_cast<std::size_t>(q_dim + 2 * kv_dim)), att(static_cast<std::size_t>(q_dim)),
+        ob(static_cast<std::size_t>(H)), rl(static_cast<std::size_t>(E)), gub(static_cast<std::size_t>(k) * 2 * I),
+        actb(static_cast<std::size_t>(k) * I), yeb(static_cast<std::size_t>(k) * H);
+    int layer = 0;
+    auto one_layer = [&](cudaStream_t st) {
+      const int l = layer++ % kLayers;
+      const float eps = 1e-6f;
+      cuda::ops::rmsnorm<T>(xr.get(), nullptr, nw.get(), hn.get(), 1, H, eps, st);
+      wq[l].gemv<T>(hn.get(), 1, H, qkvb.get(), q_dim + 2 * kv_dim, st);
+      cuda::ops::qk_norm_rope<T>(qkvb.get(), dseq.get(), dlast.get(), 1, nw.get(), nw.get(), inv.get(), ktab.get() + l, vtab.get() + l, nh, nkv,
+                                 D, eps, st);
+      attn::CudaArgs<T> al = d;
+      al.q = qkvb.get();
+      al.q_stride = q_dim + 2 * kv_dim;
+      al.kcache = ktab.get() + l;
+      al.vcache = vtab.get() + l;
+      al.out = att.get();
+      attn::Cuda<attn::Flash<>>::run<T>(al, st);
+      wo[l].gemv<T>(att.get(), 1, q_dim, ob.get(), H, st);
+      cuda::ops::add_rmsnorm<T>(xr.get(), ob.get(), nw.get(), hn.get(), 1, H, eps, st);
+      cuda::ops::router_gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), k, true, rids.get(), rw.get(), counter.get(), st);
+      const std::int32_t* ids_l = lids.get() + static_cast<std::size_t>(l) * k;
+      wgu.moe_gemv<T>(hn.get(), H, k, ids_l, k, gub.get(), 2 * I, st);
+      cuda::ops::swiglu<T>(gub.get(), actb.get(), k, I, st);
+      wdn.moe_gemv<T>(actb.get(), I, 1, ids_l, k, yeb.get(), H, st);
+      cuda::ops::moe_combine<T>(xr.get(), yeb.get(), nullptr, rw.get(), 1, k, H, st);
+    };
+    const double t_layer = time_us(one_layer, 4 * kLayers);
+    const double layer_bytes = static_cast<double>(wq[0].bytes_per_matrix() + wo[0].bytes_per_matrix() + k * (wgu.bytes_per_matrix() + wdn.bytes_per_matrix())) +
+                               static_cast<double>(E) * H * sizeof(T) + kv_bytes;
+    std::printf("affine-4bit decode layer (%d distinct layers, cold L2, PDL %s): %.1f us per layer (%.1f MB: %.0f GB/s); "
+                "x 48 + lm_head + lsm: %.2f ms per token\n",
+                kLayers, cuda::pdl_enabled() ? "on" : "off", t_layer, layer_bytes / 1e6, layer_bytes / t_layer / 1e3,
+                (48 * t_layer + tl) / 1e3);
   }
   std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n", layer_dense,
               layer_awq, layer_nf4, layer_dense * 48 / 1e3, layer_awq * 48 / 1e3, layer_nf4 * 48 / 1e3);

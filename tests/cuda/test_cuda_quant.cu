@@ -212,3 +212,30 @@ TEST_CASE("cuda quant engine: every quantized fixture matches HF and the CPU; re
   quant_fixture<quant::Nf4, attn::Eager>("nf4_moe_bf16_sharded");
   quant_fixture<quant::Nf4, attn::Flash<>>("nf4_moe_bf16_sharded");
 }
+
+// Programmatic dependent launch (cuda::launch) changes when a kernel's blocks start, never what they compute: a
+// quantized MoE fixture and a dense one give bit-identical signals with PDL on and off, in fp32 and bf16 (the 4-bit
+// decode GEMV loads its weights before pdl_wait, the MoE kernels after it).
+TEST_CASE("cuda engine: PDL on and off give bit-identical signals") {
+  int dev = 0, major = 0;
+  FPF_CUDA(cudaGetDevice(&dev));
+  FPF_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  const bool was = cuda::pdl_enabled();
+  if (major == 9 && std::getenv("FPF_PDL") == nullptr) CHECK(was);  // on by default where the code holds it
+  auto run = [&]<class Quant>(const std::string& dir_name, const fpf::testing::Reference& ref, Precision p, bool pdl) {
+    cuda::pdl_enabled() = pdl;
+    Engine<Setup<Quant, attn::Flash<>, par::Single, cuda::Backend>> gpu(dir_name, EngineOptions{p});
+    return gpu.generate({ref.signals.prompt_ids}, ref.steps, ref.spec).at(0);
+  };
+  const std::string awq = "awq_moe_sparse_step";
+  const fpf::testing::Reference qref = fpf::testing::load_reference("../quant/" + awq);
+  const std::string qdir = (std::filesystem::path(FPF_SOURCE_DIR) / "tests/fixtures/quant" / awq).string();
+  const fpf::testing::Reference dref = fpf::testing::load_reference("moe_sparse_step");
+  const std::string ddir = fpf::testing::fixture_dir("moe_sparse_step").string();
+  for (Precision p : {Precision::fp32, Precision::bf16}) {
+    CAPTURE(precision_name(p));
+    CHECK(bit_identical(run.operator()<quant::Awq<4>>(qdir, qref, p, true), run.operator()<quant::Awq<4>>(qdir, qref, p, false)));
+    CHECK(bit_identical(run.operator()<quant::Dense>(ddir, dref, p, true), run.operator()<quant::Dense>(ddir, dref, p, false)));
+  }
+  cuda::pdl_enabled() = was;
+}

@@ -90,6 +90,7 @@ constexpr std::size_t flash_decode_smem(int G, int D, int C, int tiles) {
 
 template <class T, int Bc, int C, int DPL, bool Full>
 __global__ void __launch_bounds__(1024) k_flash_decode(CudaArgs<T> a) {
+  cuda::pdl_begin();
   static_assert(C % Bc == 0, "a chunk is whole tiles");
   constexpr int Vn = cuda::ops::Vec<T>::n, tiles = C / Bc, KPL = (C + 31) / 32;
   extern __shared__ __align__(16) float smem[];
@@ -252,6 +253,7 @@ __host__ __device__ constexpr std::size_t flash_decode_tc_smem(int D, int C, int
 
 template <class T, int D, int C, int NT>
 __global__ void __launch_bounds__(2 * C) k_flash_decode_tc(CudaArgs<T> a) {
+  cuda::pdl_begin();
   static_assert(D % 32 == 0 && C % 32 == 0 && NT >= 1);
   constexpr int NW = C / 16, kS = D + 8, PS = C + 8, H = 8 * NT, MT = D / 16, VPR = D / 8;
   constexpr int MPW = (MT + NW - 1) / NW;
@@ -458,6 +460,7 @@ __global__ void __launch_bounds__(2 * C) k_flash_decode_tc(CudaArgs<T> a) {
 inline constexpr int kMergeWarps = 8, kMergeChunks = 16;
 template <class T>
 __global__ void __launch_bounds__(32 * kMergeWarps) k_flash_merge(CudaArgs<T> a, int chunks, int C) {
+  cuda::pdl_begin();
   constexpr int NW = kMergeWarps, MC = kMergeChunks;
   __shared__ float wm[NW], wl[NW];
   __shared__ float2 wacc[NW][32];
@@ -541,7 +544,7 @@ bool launch_flash_decode(const CudaArgs<T>& a, cudaStream_t s) {
       if (smem > static_cast<std::size_t>(max_optin)) return;
       auto* k = k_flash_decode_tc<T, Dt, C, NT>;
       if (smem > 48 * 1024) FPF_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      k<<<grid, 2 * C, smem, s>>>(a);
+      cuda::launch("flash_decode_tc", k, grid, 2 * C, smem, s, a);
       tc = true;
     };
     if (D == 128 && G <= 8) go.template operator()<128, 1>();
@@ -555,7 +558,7 @@ bool launch_flash_decode(const CudaArgs<T>& a, cudaStream_t s) {
     auto go = [&]<int DPL, bool Full>() {
       auto* k = k_flash_decode<T, Bc, C, DPL, Full>;
       if (smem > 48 * 1024) FPF_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      k<<<grid, 32 * G, smem, s>>>(a);
+      cuda::launch("flash_decode", k, grid, 32 * G, smem, s, a);
     };
     if (D == 32) go.template operator()<1, true>();
     else if (D < 32) go.template operator()<1, false>();
@@ -566,7 +569,7 @@ bool launch_flash_decode(const CudaArgs<T>& a, cudaStream_t s) {
     else if (D == 256) go.template operator()<8, true>();
     else go.template operator()<8, false>();
   }
-  k_flash_merge<T><<<dim3(a.rows, a.num_heads, (D + 63) / 64), 32 * kMergeWarps, 0, s>>>(a, chunks, C);
+  cuda::launch("flash_merge", k_flash_merge<T>, dim3(a.rows, a.num_heads, (D + 63) / 64), 32 * kMergeWarps, 0, s, a, chunks, C);
   return true;
 }
 

@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -179,6 +180,61 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   __syncthreads();
   float t = lane < nw ? scratch[lane] : -INFINITY;
   return warp_max(t);
+}
+
+// ---- programmatic dependent launch (PDL, sm_90) ----
+// A kernel launched by cuda::launch may start while the kernel before it in the stream is still running (its blocks
+// are scheduled as soon as the earlier kernel's blocks have all passed their pdl_begin), so its start-up overlaps
+// the earlier kernel's tail instead of following the earlier kernel's last block. Such a kernel must call pdl_wait
+// (or pdl_begin) in every block before it reads or writes global memory that an earlier kernel writes or reads:
+// pdl_wait returns when the earlier kernel has finished and its writes are visible. Before it only data that no
+// kernel writes may be read (weights). A kernel launched with <<<>>> needs none of this (it starts after the
+// earlier kernel has finished), and pdl_wait in a kernel launched that way returns at once, so the values never
+// depend on whether PDL is on: it changes when blocks start, not what they compute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Lets the next kernel's blocks be scheduled (they wait in their own pdl_wait for this kernel to finish).
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_begin() {
+  pdl_wait();
+  pdl_trigger();
+}
+
+// Whether cuda::launch asks for PDL: on sm_90 (the build's native code there holds griddepcontrol; other GPUs run
+// the PTX for sm_80, which has none) unless FPF_PDL=0. Tests flip it to compare both.
+inline bool& pdl_enabled() {
+  static bool on = [] {
+    const char* e = std::getenv("FPF_PDL");
+    if (e != nullptr && std::string(e) == "0") return false;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+      return false;
+    return major == 9;
+  }();
+  return on;
+}
+
+// k<<<grid, block, smem, s>>>(args...) with the PDL attribute when pdl_enabled(); k must follow pdl_wait's rule.
+template <class... P, class... A>
+void launch(const char* what, void (*k)(P...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t s, A&&... args) {
+  cudaLaunchAttribute at{};
+  at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = &at;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  check(cudaLaunchKernelEx(&cfg, k, std::forward<A>(args)...), what);
 }
 
 inline unsigned blocks_for(std::size_t n, unsigned threads) { return static_cast<unsigned>((n + threads - 1) / threads); }

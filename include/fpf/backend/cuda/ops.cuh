@@ -35,6 +35,7 @@ void convert(const void* src, DType src_dtype, T* dst, std::size_t n, cudaStream
 // ---------------------------------------------------------------------------------------------------------------
 template <class T>
 __global__ void k_embed(const std::int32_t* __restrict__ ids, const T* __restrict__ table, T* __restrict__ x, int H) {
+  pdl_begin();
   const std::size_t r = blockIdx.x;
   const T* src = table + static_cast<std::size_t>(ids[r]) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = src[i];
@@ -42,8 +43,7 @@ __global__ void k_embed(const std::int32_t* __restrict__ ids, const T* __restric
 template <class T>
 void embed(const std::int32_t* ids, int rows, const T* table, T* x, int H, cudaStream_t s = 0) {
   if (rows == 0) return;
-  k_embed<T><<<rows, 256, 0, s>>>(ids, table, x, H);
-  FPF_CUDA_LAUNCH("embed");
+  launch("embed", k_embed<T>, rows, 256, 0, s, ids, table, x, H);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -71,6 +71,7 @@ __device__ __forceinline__ void rmsnorm_finish(const float (&v)[kRowPer], const 
 template <class T>
 __global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restrict__ rows, const float* __restrict__ w,
                           T* __restrict__ y, int n, float eps) {
+  pdl_begin();
   __shared__ double scratch[32];
   const std::size_t src = rows ? static_cast<std::size_t>(rows[blockIdx.x]) : blockIdx.x;
   const T* xr = x + src * n;
@@ -92,8 +93,7 @@ __global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restric
 template <class T>
 void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nrows, int n, float eps, cudaStream_t s = 0) {
   if (nrows == 0) return;
-  k_rmsnorm<T><<<nrows, 256, 0, s>>>(x, rows, w, y, n, eps);
-  FPF_CUDA_LAUNCH("rmsnorm");
+  launch("rmsnorm", k_rmsnorm<T>, nrows, 256, 0, s, x, rows, w, y, n, eps);
 }
 
 // The residual add and the next RMSNorm in one kernel (one block per row): x += y (rounded to T, as add), then
@@ -101,6 +101,7 @@ void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nro
 template <class T>
 __global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const float* __restrict__ w, T* __restrict__ out,
                               int n, float eps) {
+  pdl_begin();
   __shared__ double scratch[32];
   T* xr = x + static_cast<std::size_t>(blockIdx.x) * n;
   const T* yr = y + static_cast<std::size_t>(blockIdx.x) * n;
@@ -128,8 +129,7 @@ __global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const 
 template <class T>
 void add_rmsnorm(T* x, const T* y, const float* w, T* out, int nrows, int n, float eps, cudaStream_t s = 0) {
   if (nrows == 0) return;
-  k_add_rmsnorm<T><<<nrows, 256, 0, s>>>(x, y, w, out, n, eps);
-  FPF_CUDA_LAUNCH("add_rmsnorm");
+  launch("add_rmsnorm", k_add_rmsnorm<T>, nrows, 256, 0, s, x, y, w, out, n, eps);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -143,6 +143,7 @@ __global__ void k_qk_norm_rope(T* __restrict__ qkv, const std::int32_t* __restri
                                const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
                                T* const* __restrict__ kcache, T* const* __restrict__ vcache, int nh, int nkv, int D,
                                float eps) {
+  pdl_begin();
   constexpr int kPer = 8;  // head_dim <= 256: lane holds elements lane + 32 u
   const int r = blockIdx.x, hd = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31, half = D / 2;
   if (hd >= nh + nkv) return;
@@ -192,9 +193,7 @@ void qk_norm_rope(T* qkv, const std::int32_t* row_seq, const std::int32_t* row_p
                   float eps, cudaStream_t s = 0) {
   if (rows == 0) return;
   constexpr int kWarps = 4;  // (row, head) pairs per block
-  k_qk_norm_rope<T><<<dim3(rows, (nh + nkv + kWarps - 1) / kWarps), 32 * kWarps, 0, s>>>(qkv, row_seq, row_pos, q_norm, k_norm,
-                                                                                    inv_freq, kcache, vcache, nh, nkv, D, eps);
-  FPF_CUDA_LAUNCH("qk_norm_rope");
+  launch("qk_norm_rope", k_qk_norm_rope<T>, dim3(rows, (nh + nkv + kWarps - 1) / kWarps), 32 * kWarps, 0, s, qkv, row_seq, row_pos, q_norm, k_norm, inv_freq, kcache, vcache, nh, nkv, D, eps);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -202,14 +201,14 @@ void qk_norm_rope(T* qkv, const std::int32_t* row_seq, const std::int32_t* row_p
 // ---------------------------------------------------------------------------------------------------------------
 template <class T>
 __global__ void k_add(T* __restrict__ x, const T* __restrict__ y, std::size_t n) {
+  pdl_begin();
   for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n; i += std::size_t{gridDim.x} * blockDim.x)
     x[i] = from_f<T>(to_f(x[i]) + to_f(y[i]));
 }
 template <class T>
 void add(T* x, const T* y, std::size_t n, cudaStream_t s = 0) {
   if (n == 0) return;
-  k_add<T><<<std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, s>>>(x, y, n);
-  FPF_CUDA_LAUNCH("add");
+  launch("add", k_add<T>, std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, s, x, y, n);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -217,6 +216,7 @@ void add(T* x, const T* y, std::size_t n, cudaStream_t s = 0) {
 // ---------------------------------------------------------------------------------------------------------------
 template <class T>
 __global__ void k_swiglu(const T* __restrict__ gu, T* __restrict__ a, std::size_t rows, int I) {
+  pdl_begin();
   const std::size_t n = rows * I;
   for (std::size_t idx = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; idx < n; idx += std::size_t{gridDim.x} * blockDim.x) {
     const std::size_t r = idx / I, i = idx % I;
@@ -227,8 +227,7 @@ __global__ void k_swiglu(const T* __restrict__ gu, T* __restrict__ a, std::size_
 template <class T>
 void swiglu(const T* gu, T* a, std::size_t rows, int I, cudaStream_t s = 0) {
   if (rows == 0) return;
-  k_swiglu<T><<<std::min<unsigned>(blocks_for(rows * I, 256), 65535u), 256, 0, s>>>(gu, a, rows, I);
-  FPF_CUDA_LAUNCH("swiglu");
+  launch("swiglu", k_swiglu<T>, std::min<unsigned>(blocks_for(rows * I, 256), 65535u), 256, 0, s, gu, a, rows, I);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -284,6 +283,7 @@ __device__ void route_row(Logit logit, int E, int k, int norm, float* p, int* se
 template <class T>
 __global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, std::int32_t* __restrict__ ids,
                          float* __restrict__ wts) {
+  pdl_begin();
   extern __shared__ float p[];
   __shared__ int sel[64];
   __shared__ float selw[64];
@@ -295,8 +295,7 @@ template <class T>
 void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* ids, float* wts, cudaStream_t s = 0) {
   if (rows == 0) return;
   if (k > 64) throw Error("config.json: num_experts_per_tok", "the CUDA router supports at most 64");
-  k_router<T><<<rows, 32, E * sizeof(float), s>>>(logits, E, k, norm ? 1 : 0, ids, wts);
-  FPF_CUDA_LAUNCH("router");
+  launch("router", k_router<T>, rows, 32, E * sizeof(float), s, logits, E, k, norm ? 1 : 0, ids, wts);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -306,6 +305,7 @@ void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* id
 template <class T>
 __global__ void k_moe_combine(T* __restrict__ x, const T* __restrict__ ye, const std::int32_t* __restrict__ slot_row,
                               const float* __restrict__ wts, int k, int H) {
+  pdl_begin();
   const int r = blockIdx.x;
   for (int j = blockIdx.y * blockDim.x + threadIdx.x; j < H; j += gridDim.y * blockDim.x) {
     float y = 0.0f;
@@ -320,8 +320,7 @@ __global__ void k_moe_combine(T* __restrict__ x, const T* __restrict__ ye, const
 template <class T>
 void moe_combine(T* x, const T* ye, const std::int32_t* slot_row, const float* wts, int rows, int k, int H, cudaStream_t s = 0) {
   if (rows == 0) return;
-  k_moe_combine<T><<<dim3(rows, blocks_for(static_cast<std::size_t>(H), 256)), 256, 0, s>>>(x, ye, slot_row, wts, k, H);
-  FPF_CUDA_LAUNCH("moe_combine");
+  launch("moe_combine", k_moe_combine<T>, dim3(rows, blocks_for(static_cast<std::size_t>(H), 256)), 256, 0, s, x, ye, slot_row, wts, k, H);
 }
 
 // moe_combine (slot_row null) and the next RMSNorm in one kernel, one block per row (decode): x[r] += T(y) exactly as
@@ -329,6 +328,7 @@ void moe_combine(T* x, const T* ye, const std::int32_t* slot_row, const float* w
 template <class T>
 __global__ void k_moe_combine_rmsnorm(T* __restrict__ x, const T* __restrict__ ye, const float* __restrict__ wts, int k, int n,
                                       const float* __restrict__ w, T* __restrict__ out, float eps) {
+  pdl_begin();
   __shared__ double scratch[32];
   const int r = blockIdx.x;
   T* xr = x + static_cast<std::size_t>(r) * n;
@@ -365,8 +365,7 @@ template <class T>
 void moe_combine_rmsnorm(T* x, const T* ye, const float* wts, int rows, int k, int H, const float* w, T* out, float eps,
                          cudaStream_t s = 0) {
   if (rows == 0) return;
-  k_moe_combine_rmsnorm<T><<<rows, 256, 0, s>>>(x, ye, wts, k, H, w, out, eps);
-  FPF_CUDA_LAUNCH("moe_combine_rmsnorm");
+  launch("moe_combine_rmsnorm", k_moe_combine_rmsnorm<T>, rows, 256, 0, s, x, ye, wts, k, H, w, out, eps);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -387,6 +386,7 @@ __global__ void __launch_bounds__(kGroupThreads) k_route_group(const std::int32_
                                                                std::int32_t* __restrict__ rows,
                                                                std::int32_t* __restrict__ slot_row,
                                                                std::int32_t* __restrict__ info, int allow_pad) {
+  pdl_begin();
   constexpr int nw = kGroupThreads / 32;
   __shared__ int hist[nw][kGroupMaxExperts];  // pass 1: counts; then each warp's next position per expert
   __shared__ int tot[kGroupMaxExperts + 1];
@@ -458,14 +458,14 @@ inline void route_group(const std::int32_t* ids, int P, int E, std::int32_t* row
                         bool allow_pad, cudaStream_t s = 0) {
   if (E > kGroupMaxExperts || E + 1 > kGroupThreads)
     throw Error("config.json: num_experts", "the CUDA MoE grouping supports at most " + std::to_string(kGroupMaxExperts));
-  k_route_group<><<<1, kGroupThreads, 0, s>>>(ids, P, E, rows, slot_row, info, allow_pad ? 1 : 0);
-  FPF_CUDA_LAUNCH("route_group");
+  launch("route_group", k_route_group<>, 1, kGroupThreads, 0, s, ids, P, E, rows, slot_row, info, allow_pad ? 1 : 0);
 }
 
 // dst[i] = src[rows[i] / src_div] (rows of n elements; rows[i] / src_div: the token of slot rows[i]); rows[i] < 0:
 // a row of zeros (padding). V: elements per copy (a 16-byte Vec when the rows allow it).
 template <class T, int V>
 __global__ void k_gather(const T* __restrict__ src, const std::int32_t* __restrict__ rows, int src_div, T* __restrict__ dst, int n) {
+  pdl_begin();
   struct alignas(V * sizeof(T)) Piece {
     T v[V];
   };
@@ -486,16 +486,16 @@ void gather(const T* src, const std::int32_t* rows, int src_div, int nrows, T* d
   if (nrows == 0) return;
   constexpr int V = 16 / sizeof(T);
   if (n % V == 0 && reinterpret_cast<std::uintptr_t>(src) % 16 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 16 == 0)
-    k_gather<T, V><<<nrows, 256, 0, s>>>(src, rows, src_div, dst, n);
+    launch("gather", k_gather<T, V>, nrows, 256, 0, s, src, rows, src_div, dst, n);
   else
-    k_gather<T, 1><<<nrows, 256, 0, s>>>(src, rows, src_div, dst, n);
-  FPF_CUDA_LAUNCH("gather");
+    launch("gather", k_gather<T, 1>, nrows, 256, 0, s, src, rows, src_div, dst, n);
 }
 
 // Converts rows of T to fp32 (taps): dst[i] = float(src[rows[i] * stride + col0 .. + n])
 template <class T>
 __global__ void k_rows_to_f32(const T* __restrict__ src, const std::int32_t* __restrict__ rows, std::size_t stride, int col0,
                               int n, float* __restrict__ dst) {
+  pdl_begin();
   const T* s = src + static_cast<std::size_t>(rows[blockIdx.x]) * stride + col0;
   for (int j = threadIdx.x; j < n; j += blockDim.x) dst[static_cast<std::size_t>(blockIdx.x) * n + j] = to_f(s[j]);
 }
@@ -503,8 +503,7 @@ template <class T>
 void rows_to_f32(const T* src, const std::int32_t* rows, int nrows, std::size_t stride, int col0, int n, float* dst,
                  cudaStream_t s = 0) {
   if (nrows == 0) return;
-  k_rows_to_f32<T><<<nrows, 128, 0, s>>>(src, rows, stride, col0, n, dst);
-  FPF_CUDA_LAUNCH("rows_to_f32");
+  launch("rows_to_f32", k_rows_to_f32<T>, nrows, 128, 0, s, src, rows, stride, col0, n, dst);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -550,6 +549,7 @@ __device__ __forceinline__ void dot_rows(const T* __restrict__ w, const T* __res
 
 template <class T, int M, bool Vectorized>
 __global__ void k_gemv(const T* __restrict__ X, const T* __restrict__ W, int N, int K, T* __restrict__ Y) {
+  pdl_begin();
   const int n = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (n >= N) return;
   float acc[M];
@@ -569,9 +569,8 @@ inline constexpr int kGemvMaxRows = 8;
 template <class T, int M>
 void gemv_m(const T* X, const T* W, int N, int K, T* Y, cudaStream_t s) {
   const unsigned blocks = blocks_for(static_cast<std::size_t>(N), 8);
-  if (vectorizable<T>(X, W, K)) k_gemv<T, M, true><<<blocks, 256, 0, s>>>(X, W, N, K, Y);
-  else k_gemv<T, M, false><<<blocks, 256, 0, s>>>(X, W, N, K, Y);
-  FPF_CUDA_LAUNCH("gemv");
+  if (vectorizable<T>(X, W, K)) launch("gemv", k_gemv<T, M, true>, blocks, 256, 0, s, X, W, N, K, Y);
+  else launch("gemv", k_gemv<T, M, false>, blocks, 256, 0, s, X, W, N, K, Y);
 }
 
 // Y[M, N] = X[M, K] W[N, K]^T for M <= kGemvMaxRows.
@@ -595,6 +594,7 @@ void gemv(const T* X, int M, const T* W, int N, int K, T* Y, cudaStream_t s = 0)
 template <class T, bool Vectorized>
 __global__ void k_moe_gemv(const T* __restrict__ X, int x_div, const T* __restrict__ W, const std::int32_t* __restrict__ ids,
                            int N, int K, T* __restrict__ Y) {
+  pdl_begin();
   const int p = blockIdx.y;
   const int n = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (n >= N) return;
@@ -608,10 +608,9 @@ void moe_gemv(const T* X, int x_div, const T* W, const std::int32_t* ids, int sl
   if (slots == 0) return;
   const dim3 grid(blocks_for(static_cast<std::size_t>(N), 8), slots);
   if (vectorizable<T>(X, W, K) && (static_cast<std::size_t>(N) * K) % Vec<T>::n == 0)
-    k_moe_gemv<T, true><<<grid, 256, 0, s>>>(X, x_div, W, ids, N, K, Y);
+    launch("moe_gemv", k_moe_gemv<T, true>, grid, 256, 0, s, X, x_div, W, ids, N, K, Y);
   else
-    k_moe_gemv<T, false><<<grid, 256, 0, s>>>(X, x_div, W, ids, N, K, Y);
-  FPF_CUDA_LAUNCH("moe_gemv");
+    launch("moe_gemv", k_moe_gemv<T, false>, grid, 256, 0, s, X, x_div, W, ids, N, K, Y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -625,6 +624,7 @@ template <class T, int M>
 __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __restrict__ X, const T* __restrict__ W, int E, int K,
                                                                   T* logits, int k, int norm, std::int32_t* __restrict__ ids,
                                                                   float* __restrict__ wts, unsigned* counter) {
+  pdl_begin();
   extern __shared__ float p[];  // [kRouterWarps][E]
   __shared__ int sel[kRouterWarps][64];
   __shared__ float selw[kRouterWarps][64];
@@ -666,12 +666,11 @@ void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, 
   const int nm = norm ? 1 : 0;
   switch (M) {
 #define FPF_ROUTER_M(MM) \
-  case MM: k_router_gemv<T, MM><<<blocks, 32 * kRouterWarps, smem, s>>>(X, W, E, K, logits, k, nm, ids, wts, counter); break;
+  case MM: launch("router_gemv", k_router_gemv<T, MM>, blocks, 32 * kRouterWarps, smem, s, X, W, E, K, logits, k, nm, ids, wts, counter); break;
     FPF_ROUTER_M(1) FPF_ROUTER_M(2) FPF_ROUTER_M(3) FPF_ROUTER_M(4) FPF_ROUTER_M(5) FPF_ROUTER_M(6) FPF_ROUTER_M(7) FPF_ROUTER_M(8)
 #undef FPF_ROUTER_M
     default: throw Error("router_gemv", "1 to 8 rows");
   }
-  FPF_CUDA_LAUNCH("router_gemv");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -715,6 +714,7 @@ template <class T>
 __global__ void __launch_bounds__(kLsmThreads) k_lsm_slice(const T* __restrict__ logits, long long V, int K,
                                                           unsigned long long* __restrict__ pkey, float* __restrict__ pmax,
                                                           double* __restrict__ psum, unsigned long long* __restrict__ cand) {
+  pdl_begin();
   __shared__ double sd[32];
   __shared__ unsigned long long sk[32];
   extern __shared__ unsigned long long lists[];  // [warps][K]
@@ -774,6 +774,7 @@ template <class = void>
 __global__ void k_lsm_final(const unsigned long long* __restrict__ pkey, const float* __restrict__ pmax,
                             const double* __restrict__ psum, const unsigned long long* __restrict__ cand, int S, int K, int k,
                             std::int32_t* __restrict__ top_ids, float* __restrict__ top_lp, std::int32_t* __restrict__ argmax) {
+  pdl_begin();
   extern __shared__ unsigned long long top[];  // [K] the row's top K by value, then (as int) the slices' pointers
   int* ptr = reinterpret_cast<int*>(top + K);
   const int r = blockIdx.x, lane = threadIdx.x;
@@ -840,11 +841,8 @@ void log_softmax_topk(const T* logits, int rows, long long V, int k, std::int32_
   pmax.resize(static_cast<std::size_t>(rows) * S);
   psum.resize(static_cast<std::size_t>(rows) * S);
   cand.resize(static_cast<std::size_t>(rows) * S * K);
-  k_lsm_slice<T><<<dim3(rows, S), kLsmThreads, (kLsmThreads / 32) * K * sizeof(unsigned long long), s>>>(
-      logits, V, K, pkey.get(), pmax.get(), psum.get(), cand.get());
-  k_lsm_final<><<<rows, 32, K * sizeof(unsigned long long) + S * sizeof(int), s>>>(pkey.get(), pmax.get(), psum.get(), cand.get(), S,
-                                                                                 K, k, top_ids, top_lp, argmax);
-  FPF_CUDA_LAUNCH("log_softmax_topk");
+  launch("lsm_slice", k_lsm_slice<T>, dim3(rows, S), kLsmThreads, (kLsmThreads / 32) * K * sizeof(unsigned long long), s, logits, V, K, pkey.get(), pmax.get(), psum.get(), cand.get());
+  launch("lsm_final", k_lsm_final<>, rows, 32, K * sizeof(unsigned long long) + S * sizeof(int), s, pkey.get(), pmax.get(), psum.get(), cand.get(), S, K, k, top_ids, top_lp, argmax);
 }
 
 }  // namespace fpf::cuda::ops

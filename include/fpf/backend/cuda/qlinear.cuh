@@ -102,6 +102,21 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   }
 }
 
+// The matrix, activation row and output row of a block. Dense mode (ids null): matrix 0, X and Y as given. MoE mode:
+// slot p = blockIdx.y takes matrix ids[p], activation row p / x_div and output row p (read ids after pdl_wait).
+template <class T>
+struct Slot {
+  int e;
+  const T* x;
+  T* y;
+};
+template <class T>
+__device__ __forceinline__ Slot<T> slot_of(const T* X, long long x_stride, int x_div, const std::int32_t* ids, T* Y, long long ldy) {
+  if (ids == nullptr) return {0, X, Y};
+  const int p = blockIdx.y;
+  return {ids[p], X + static_cast<long long>(p / x_div) * x_stride, Y + static_cast<long long>(p) * ldy};
+}
+
 // Y[m, n] (row stride ldy) = sum_k X[m, k] W_e[n, k]. Dense mode (ids null): M rows of X (stride x_stride), e = 0.
 // MoE mode: blockIdx.y is slot p, e = ids[p], one row X[p / x_div], output row Y[p].
 // One warp per output row; lane l takes the row's 8-code words l, l + 32, l + 64, ... (so each warp-wide load of
@@ -111,6 +126,7 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
 template <class T, int Code, int Round, int MaxM, bool Vec>
 __global__ void k_qgemv(Args a, const T* __restrict__ X, int M, long long x_stride, int x_div,
                         const std::int32_t* __restrict__ ids, T* __restrict__ Y, long long ldy) {
+  pdl_begin();
   __shared__ float code[16];
   if constexpr (Code == 1) {
     if (threadIdx.x < 16) code[threadIdx.x] = a.code[threadIdx.x];
@@ -119,15 +135,7 @@ __global__ void k_qgemv(Args a, const T* __restrict__ X, int M, long long x_stri
   const int n = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (n >= a.N) return;
   const int lane = threadIdx.x & 31;
-  int e = 0;
-  const T* x = X;
-  T* y = Y;
-  if (ids != nullptr) {
-    const int p = blockIdx.y;
-    e = ids[p];
-    x = X + static_cast<long long>(p / x_div) * x_stride;
-    y = Y + static_cast<long long>(p) * ldy;
-  }
+  const auto [e, x, y] = slot_of(X, x_stride, x_div, ids, Y, ldy);
   const int W = a.K / 8;
   const std::uint32_t* wr = a.words + (static_cast<long long>(e) * a.N + n) * W;
   const std::int32_t* perm = a.perm != nullptr ? a.perm + static_cast<long long>(e) * a.K : nullptr;
@@ -216,15 +224,10 @@ __global__ void __launch_bounds__(128) k_qgemv32(Args a, const T* __restrict__ X
   const int lane = threadIdx.x & 31, sub = lane & (LPR - 1);
   const int n = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RPW + lane / LPR;
   const bool valid = n < rows;  // every lane stays for the shuffles
-  int e = 0;
-  const T* x = X;
-  T* y = Y;
-  if (ids != nullptr) {
-    const int p = blockIdx.y;
-    e = ids[p];
-    x = X + static_cast<long long>(p / x_div) * x_stride;
-    y = Y + static_cast<long long>(p) * ldy;
-  }
+  // Dense mode: the weights are fixed, so the first batch's loads are issued before pdl_begin (while the kernel
+  // that writes X may still be running). MoE mode: the matrix is ids[p], written by the router: wait first.
+  if (ids != nullptr) pdl_wait();
+  const auto [e, x, y] = slot_of(X, x_stride, x_div, ids, Y, ldy);
   const int C = a.K >> 5;  // chunks per row
   const int cshift = a.gshift >= 2 ? a.gshift - 2 : -1;  // log2(G / 32)
   const uint4* wr[NR];
@@ -244,9 +247,10 @@ __global__ void __launch_bounds__(128) k_qgemv32(Args a, const T* __restrict__ X
   for (int r = 0; r < NR; ++r)
 #pragma unroll
     for (int m = 0; m < MaxM; ++m) acc[r][m] = 0.0f;
-  for (int c0 = sub; c0 < C; c0 += LPR * CPL) {
-    uint4 q[NR][CPL];
-    float s[NR][CPL], zb[NR][CPL];
+  uint4 q[NR][CPL];
+  float s[NR][CPL], zb[NR][CPL];
+  // The codes, scales and zeros of the chunks c0, c0 + LPR, ..., c0 + (CPL - 1) LPR.
+  auto load = [&](int c0) {
 #pragma unroll
     for (int j = 0; j < CPL; ++j) {
       const int c = c0 + LPR * j;
@@ -268,6 +272,11 @@ __global__ void __launch_bounds__(128) k_qgemv32(Args a, const T* __restrict__ X
         }
       }
     }
+  };
+  load(sub);
+  pdl_begin();
+  for (int c0 = sub; c0 < C; c0 += LPR * CPL) {
+    if (c0 != sub) load(c0);
 #pragma unroll
     for (int j = 0; j < CPL; ++j) {
       const int c = c0 + LPR * j;
@@ -486,12 +495,11 @@ class Weight {
     auto go = [&](auto lpr, auto cpl) {
       constexpr int LPR = decltype(lpr)::value, CPL = decltype(cpl)::value;
       const dim3 grid(blocks_for(static_cast<std::size_t>(rows), 4 * (32 / LPR)), static_cast<unsigned>(slots));
-      k_qgemv32<T, Code, Round, MaxM, LPR, CPL, NR><<<grid, 128, 0, s>>>(args(), X, M, xs, xd, ids, Y, ldy, rows, pair);
+      cuda::launch("qgemv32", k_qgemv32<T, Code, Round, MaxM, LPR, CPL, NR>, grid, 128, 0, s, args(), X, M, xs, xd, ids, Y, ldy, rows, pair);
     };
     if (C >= 128) go(std::integral_constant<int, 32>{}, std::integral_constant<int, 4>{});
     else if (C >= 48) go(std::integral_constant<int, 32>{}, std::integral_constant<int, 2>{});
     else go(std::integral_constant<int, 8>{}, std::integral_constant<int, 4>{});
-    FPF_CUDA_LAUNCH("qgemv32");
   }
 
   template <class T>
@@ -535,8 +543,7 @@ class Weight {
   void run(const T* X, int M, long long x_stride, int x_div, const std::int32_t* ids, int slots, T* Y, long long ldy,
            cudaStream_t s) const {
     const dim3 grid(blocks_for(static_cast<std::size_t>(N_), 8), static_cast<unsigned>(slots));
-    k_qgemv<T, Code, Round, MaxM, Wide><<<grid, 256, 0, s>>>(args(), X, M, x_stride, x_div, ids, Y, ldy);
-    FPF_CUDA_LAUNCH("qgemv");
+    cuda::launch("qgemv", k_qgemv<T, Code, Round, MaxM, Wide>, grid, 256, 0, s, args(), X, M, x_stride, x_div, ids, Y, ldy);
   }
 
   template <class T, int Code, int Round>
