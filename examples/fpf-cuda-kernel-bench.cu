@@ -170,7 +170,7 @@ int main(int argc, char** argv) {
                           {"o", H, q_dim, false},
                           {"experts gate_up x8", 2 * I, H, true},
                           {"experts down x8", H, I, true}};
-  double layer_dense = 0, layer_awq = 0, layer_nf4 = 0, fused_gu[2] = {0, 0}, tq_gate_up[2] = {0, 0};
+  double layer_dense = 0, layer_awq = 0, layer_nf4 = 0;
   for (const Shape& s : shapes) {
     const int mats = s.moe ? E : 1, slots = s.moe ? k : 1;
     const double w_elems = static_cast<double>(s.N) * s.K * slots;
@@ -188,23 +188,8 @@ int main(int argc, char** argv) {
                     : time_us([&](cudaStream_t st) { w.gemv<T>(x.get(), 1, s.K, y.get(), s.N, st); }, iters);
     }
     layer_dense += td, layer_awq += tq[0], layer_nf4 += tq[1];
-    if (s.moe && s.N == 2 * I) tq_gate_up[0] = tq[0], tq_gate_up[1] = tq[1];
     std::printf("%-20s N %5d K %4d: bf16 %6.1f us (%4.0f GB/s) | affine-4bit %6.1f us (%4.0f GB/s of codes) | nf4 %6.1f us\n", s.name, s.N,
                 s.K, td, w_elems * 2 / td / 1e3, tq[0], w_elems * 0.5 / tq[0] / 1e3, tq[1]);
-    if (s.moe && s.N == 2 * I) {  // the decode path: gate_up with the SwiGLU fused (4-bit)
-      double tf[2];
-      for (int c = 0; c < 2; ++c) {
-        std::vector<quant::Packed4> ps;
-        for (int e = 0; e < mats; ++e) ps.push_back(packed(c == 0 ? quant::Packed4::Code::Affine : quant::Packed4::Code::Nf4, s.N, s.K, 7 + e));
-        cuda::q::Weight w;
-        cuda::PinnedUploader up;
-        w.upload(ps, up);
-        tf[c] = time_us([&](cudaStream_t st) { w.moe_gemv_swiglu<T>(x.get(), s.K, k, ids.get(), slots, y.get(), I, st); }, iters);
-      }
-      fused_gu[0] = tf[0], fused_gu[1] = tf[1];
-      std::printf("%-20s N %5d K %4d: affine-4bit + swiglu fused %6.1f us (%4.0f GB/s of codes) | nf4 %6.1f us\n", "  fused swiglu", s.N, s.K,
-                  tf[0], w_elems * 0.5 / tf[0] / 1e3, tf[1]);
-    }
   }
   auto lm = random_device<T>(static_cast<std::size_t>(V) * H, 6);
   const double tl = time_us([&](cudaStream_t st) { gemm.linear<T>(x.get(), 1, lm.get(), static_cast<int>(V), H, y.get(), st); }, iters / 4 + 1);
@@ -236,9 +221,6 @@ int main(int argc, char** argv) {
     const double t_swiglu = time_us([&](cudaStream_t st) { cuda::ops::swiglu<T>(gu.get(), act.get(), k, I, st); }, iters);
     rw.upload(wts_h.data(), wts_h.size());
     const double t_comb = time_us([&](cudaStream_t st) { cuda::ops::moe_combine<T>(xa.get(), ye.get(), nullptr, rw.get(), 1, k, H, st); }, iters);
-    const double t_comb_norm = time_us([&](cudaStream_t st) {
-      cuda::ops::moe_combine_rmsnorm<T>(xa.get(), ye.get(), rw.get(), 1, k, H, nw.get(), hn.get(), 1e-6f, st);
-    }, iters);
     cuda::DeviceBuffer<std::int32_t> top(11);
     cuda::DeviceBuffer<float> toplp(10);
     const double t_lsm = time_us([&](cudaStream_t st) { cuda::ops::log_softmax_topk<T>(y.get(), 1, V, 10, top.get(), toplp.get(), top.get() + 10, st); }, iters / 4 + 1);
@@ -248,13 +230,6 @@ int main(int argc, char** argv) {
                 t_norm, t_addnorm, t_rope, t_rgemv, t_router, t_swiglu, t_comb, small, small * 48 / 1e3, t_lsm);
     std::printf("decode step estimate (flash): %.2f ms = 48 x (products %.1f + attention %.1f + small %.1f us) + lm_head %.1f + lsm %.1f us\n",
                 (48 * (layer_dense + df + small) + tl + t_lsm) / 1e3, layer_dense, df, small, tl, t_lsm);
-    // The 4-bit decode as the backend runs it: gate_up with the SwiGLU in one kernel, the combine with the next
-    // layer's input RMSNorm in one kernel (so no rmsnorm and no swiglu launch).
-    const double small_fused = t_addnorm + t_rope + t_rgemv + t_router + t_comb_norm;
-    const double awq_fused = layer_awq - tq_gate_up[0] + fused_gu[0];
-    std::printf("moe_combine + rmsnorm fused %.2f us; affine-4bit decode step estimate (flash): %.2f ms = 48 x (products %.1f + attention "
-                "%.1f + small %.1f us) + lm_head %.1f + lsm %.1f us\n",
-                t_comb_norm, (48 * (awq_fused + df + small_fused) + tl + t_lsm) / 1e3, awq_fused, df, small_fused, tl, t_lsm);
   }
   // ---- whole 4-bit decode layers, as the backend runs them, over kLayers distinct weight sets ----
   // The kernels above reread one weight set, which then sits in the 50 MB L2; a decode step reads 2.65 GB. Here
@@ -305,6 +280,7 @@ int main(int argc, char** argv) {
         ob(static_cast<std::size_t>(H)), rl(static_cast<std::size_t>(E)), gub(static_cast<std::size_t>(k) * 2 * I),
         actb(static_cast<std::size_t>(k) * I), yeb(static_cast<std::size_t>(k) * H);
     int layer = 0;
+    bool fused = true;  // gate_up + SwiGLU and down + combine in one kernel each, as the backend
     auto one_layer = [&](cudaStream_t st) {
       const int l = layer++ % kLayers;
       const float eps = 1e-6f;
@@ -323,17 +299,25 @@ int main(int argc, char** argv) {
       cuda::ops::add_rmsnorm<T>(xr.get(), ob.get(), nw.get(), hn.get(), 1, H, eps, st);
       cuda::ops::router_gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), k, true, rids.get(), rw.get(), counter.get(), st);
       const std::int32_t* ids_l = lids.get() + static_cast<std::size_t>(l) * k;
-      wgu.moe_gemv<T>(hn.get(), H, k, ids_l, k, gub.get(), 2 * I, st);
-      cuda::ops::swiglu<T>(gub.get(), actb.get(), k, I, st);
-      wdn.moe_gemv<T>(actb.get(), I, 1, ids_l, k, yeb.get(), H, st);
-      cuda::ops::moe_combine<T>(xr.get(), yeb.get(), nullptr, rw.get(), 1, k, H, st);
+      if (fused) {
+        wgu.moe_gemv_swiglu<T>(hn.get(), H, k, ids_l, k, actb.get(), I, st);
+        wdn.moe_gemv_combine<T>(actb.get(), I, ids_l, rw.get(), 1, k, xr.get(), H, st);
+      } else {
+        wgu.moe_gemv<T>(hn.get(), H, k, ids_l, k, gub.get(), 2 * I, st);
+        cuda::ops::swiglu<T>(gub.get(), actb.get(), k, I, st);
+        wdn.moe_gemv<T>(actb.get(), I, 1, ids_l, k, yeb.get(), H, st);
+        cuda::ops::moe_combine<T>(xr.get(), yeb.get(), nullptr, rw.get(), 1, k, H, st);
+      }
     };
+    fused = false;
+    const double t_apart = time_us(one_layer, 4 * kLayers);
+    fused = true;
     const double t_layer = time_us(one_layer, 4 * kLayers);
     const double layer_bytes = static_cast<double>(wq[0].bytes_per_matrix() + wo[0].bytes_per_matrix() + k * (wgu.bytes_per_matrix() + wdn.bytes_per_matrix())) +
                                static_cast<double>(E) * H * sizeof(T) + kv_bytes;
-    std::printf("affine-4bit decode layer (%d distinct layers, cold L2, PDL %s): %.1f us per layer (%.1f MB: %.0f GB/s); "
-                "x 48 + lm_head + lsm: %.2f ms per token\n",
-                kLayers, cuda::pdl_enabled() ? "on" : "off", t_layer, layer_bytes / 1e6, layer_bytes / t_layer / 1e3,
+    std::printf("affine-4bit decode layer (%d distinct layers, cold L2, PDL %s): %.1f us per layer (%.1f MB: %.0f GB/s), "
+                "%.1f us with swiglu and combine apart; x 48 + lm_head: %.2f ms per token\n",
+                kLayers, cuda::pdl_enabled() ? "on" : "off", t_layer, layer_bytes / 1e6, layer_bytes / t_layer / 1e3, t_apart,
                 (48 * t_layer + tl) / 1e3);
   }
   std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n", layer_dense,

@@ -118,6 +118,21 @@ void check_kind(const Kind& kind, int N, int K, int G, std::uint32_t seed) {
       CHECK(fused == (K % 32 == 0 && G % 32 == 0 && !kind.perm));
       if (fused) CHECK(fpf::testing::bit_differences(to_host(b, a.size()), to_host(a, a.size())) == 0);
     }
+    // down with the combine: 2 tokens of 2 slots (activation row p for slot p), bit-identical to moe_gemv then
+    // ops::moe_combine into the residual, where it applies.
+    {
+      std::vector<float> x4 = randn(static_cast<std::size_t>(4) * K, seed + 300), res = randn(static_cast<std::size_t>(2) * N, seed + 301);
+      const std::vector<float> wts{0.75f, 0.25f, -0.5f, 1.5f};
+      const auto x4d = to_device(round_to<T>(x4));
+      const auto wd = to_device(wts);
+      auto ra = to_device(round_to<T>(res)), rb = to_device(round_to<T>(res));
+      cuda::DeviceBuffer<T> ye(static_cast<std::size_t>(4) * N);
+      dw.moe_gemv<T>(x4d.get(), K, 1, idd.get(), 4, ye.get(), N);
+      cuda::ops::moe_combine<T>(ra.get(), ye.get(), nullptr, wd.get(), 2, 2, N);
+      const bool fused = dw.moe_gemv_combine<T>(x4d.get(), K, idd.get(), wd.get(), 2, 2, rb.get(), N);
+      CHECK(fused == (K % 32 == 0 && G % 32 == 0 && !kind.perm));
+      if (fused) CHECK(fpf::testing::bit_differences(to_host(rb, res.size()), to_host(ra, res.size())) == 0);
+    }
     std::vector<float> want(static_cast<std::size_t>(4) * N);
     for (int p = 0; p < 4; ++p)
       for (int n = 0; n < N; ++n) {
@@ -145,6 +160,8 @@ void all_kinds() {
       continue;
     }
     check_kind<T>(k, 72, 256, 128, seed += 10);  // wide path
+    check_kind<T>(k, 40, 2048, 128, seed += 10);  // 32 lanes per row, 2 chunks (the real gate_up, q/k/v)
+    check_kind<T>(k, 24, 4096, 128, seed += 10);  // 32 lanes per row, 4 chunks (the real o)
     check_kind<T>(k, 40, 96, 32, seed += 10);    // wide, 3 chunks per row
     check_kind<T>(k, 24, 48, 8, seed += 10);     // narrow (groups of 8)
     check_kind<T>(k, 16, 24, 24, seed += 10);    // narrow, one group per row

@@ -291,11 +291,9 @@ class Impl {
     auto run = [&] {
     ops::embed<T>(d_ids, R, embed_.get(), x_.get(), H, st);
     int li = 0;
-    bool h_ready = false;  // h_ holds this layer's input norm already (fused into the previous layer's MoE combine)
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       LayerW<T>& L = layers_[static_cast<std::size_t>(l)];
-      if (!h_ready) ops::rmsnorm<T>(x_.get(), nullptr, L.input_norm.get(), h_.get(), R, H, eps, st);
-      h_ready = false;
+      ops::rmsnorm<T>(x_.get(), nullptr, L.input_norm.get(), h_.get(), R, H, eps, st);
       L.qkv.apply(gemm_, h_.get(), R, qkv_.get(), wscratch_.get(), st);
       timer_.mark("norm+qkv");
       T* const* kc = kptr_.get() + static_cast<std::size_t>(l) * B;
@@ -340,9 +338,7 @@ class Impl {
         L.down.apply(gemm_, act_.get(), R, tmp_.get(), wscratch_.get(), st);
         ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H, st);
       } else {
-        // Off: ops::moe_combine_rmsnorm (one block per row) measured 6.4 us on the H100 against 1.9 + 2.3 us for
-        // moe_combine and rmsnorm apart (fpf-cuda-kernel-bench); pass the next layer's input_norm to turn it on.
-        h_ready = moe(L, R, nullptr, st);
+        moe(L, R, st);
       }
       timer_.mark("mlp/moe");
       if (tapped.count(l + 1)) {
@@ -443,9 +439,8 @@ class Impl {
     return moved;
   }
 
-  // The MoE block: x_ += experts(h_). Decode (<= kGemvMaxRows rows) with next_norm given also writes the next layer's
-  // input norm of x_ into h_ (one kernel with the combine) and returns true.
-  bool moe(LayerW<T>& L, int R, const float* next_norm, cudaStream_t st) {
+  // The MoE block: x_ += experts(h_).
+  void moe(LayerW<T>& L, int R, cudaStream_t st) {
     const int H = cfg_.hidden_size, E = cfg_.num_experts, k = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size;
     const int P = R * k;
     std::int32_t* d_ids = route_ids_.get();
@@ -458,18 +453,10 @@ class Impl {
     }
     timer_.mark("moe router");
     if (R <= ops::kGemvMaxRows) {
-      // moe_gemv then swiglu: the fused 4-bit gate_up + SwiGLU (Linear::moe_gemv_swiglu) measured 12.4 us on the H100
-      // against 10.2 + 1.4 us apart (fpf-cuda-kernel-bench), so it is not used here.
-      L.gate_up.moe_gemv(h_.get(), k, d_ids, P, gu_.get(), st);
-      ops::swiglu<T>(gu_.get(), act_.get(), P, I, st);
-      L.down.moe_gemv(act_.get(), 1, d_ids, P, ye_.get(), st);
-      if (next_norm != nullptr) {
-        ops::moe_combine_rmsnorm<T>(x_.get(), ye_.get(), route_wts_.get(), R, k, H, next_norm, h_.get(),
-                                    static_cast<float>(cfg_.rms_norm_eps), st);
-        return true;
-      }
-      ops::moe_combine<T>(x_.get(), ye_.get(), nullptr, route_wts_.get(), R, k, H, st);
-      return false;
+      // 4-bit weights: gate_up with the SwiGLU, and down with the combine, one kernel each (same bits as apart).
+      L.gate_up.moe_gemv_swiglu(h_.get(), k, d_ids, P, gu_.get(), act_.get(), st);
+      L.down.moe_gemv_combine(act_.get(), d_ids, route_wts_.get(), R, k, ye_.get(), x_.get(), H, st);
+      return;
     }
     // Group the slots by expert on the device (ops::route_group: a stable counting sort, ascending expert then
     // ascending slot). bf16/fp16: all experts in one grouped product per projection that reads the offsets on the
@@ -490,7 +477,7 @@ class Impl {
       L.down.experts_grouped(act_.get(), d_info, P, ye_.get(), scratch, st);
       timer_.mark("moe down");
       ops::moe_combine<T>(x_.get(), ye_.get(), d_slot_row, route_wts_.get(), R, k, H, st);
-      return false;
+      return;
     }
     std::vector<std::int32_t> info(static_cast<std::size_t>(E) + 3);
     FPF_CUDA(cudaMemcpy(info.data(), d_info, info.size() * sizeof(std::int32_t), cudaMemcpyDeviceToHost));
@@ -526,7 +513,6 @@ class Impl {
       timer_.mark("moe down");
     }
     ops::moe_combine<T>(x_.get(), ye_.get(), d_slot_row, route_wts_.get(), R, k, H, st);
-    return false;
   }
 
   // Scratch for a layer's 4-bit experts dequantized all at once (grown on first use: decode graphs pointing into the

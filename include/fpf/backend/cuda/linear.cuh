@@ -5,6 +5,7 @@
 //                                           else dequantize to T into a scratch matrix and the same Gemm::linear
 //   moe_gemv  per slot p: Y[p] = W_{ids[p]} X[p / x_div]   (decode MoE, expert ids read on the device)
 //   moe_gemv_swiglu  the same over gate_up rows, then the SwiGLU (fused for 4-bit weights)
+//   moe_gemv_combine the same over down rows, then the weighted sum into the residual (fused for 4-bit weights)
 //   expert  Y[M, N] = X W_e^T              (prefill MoE, one expert's grouped rows)
 //   experts_grouped / experts_batched       (prefill MoE, all experts in one product: grouped_gemm.cuh in bf16/fp16,
 //                                           cuBLASLt strided-batched on rows padded to the largest count in fp32)
@@ -75,6 +76,16 @@ class Linear {
     if (parts_.size() == 1 && parts_.front().w.template moe_gemv_swiglu<T>(X, K_, x_div, ids, slots, A, N_ / 2, s)) return;
     moe_gemv(X, x_div, ids, slots, Y, s);
     ops::swiglu<T>(Y, A, static_cast<std::size_t>(slots), N_ / 2, s);
+  }
+
+  // moe_gemv into Y (slots = tokens k, activation row p for slot p), then ops::moe_combine into Xres (row stride
+  // ldres, slots in order, weights wts). 4-bit weights of one part: one kernel (q::Weight::moe_gemv_combine) that
+  // never writes Y; same bits.
+  void moe_gemv_combine(const T* X, const std::int32_t* ids, const float* wts, int tokens, int k, T* Y, T* Xres, long long ldres,
+                        cudaStream_t s = 0) const {
+    if (parts_.size() == 1 && parts_.front().w.template moe_gemv_combine<T>(X, K_, ids, wts, tokens, k, Xres, ldres, s)) return;
+    moe_gemv(X, 1, ids, tokens * k, Y, s);
+    ops::moe_combine<T>(Xres, Y, nullptr, wts, tokens, k, static_cast<int>(ldres), s);
   }
 
   // All E matrices in one product on inputs padded to Mmax rows each (prefill MoE): Y_e = X_e W_e^T with X

@@ -311,7 +311,7 @@ __global__ void k_moe_combine(T* __restrict__ x, const T* __restrict__ ye, const
     float y = 0.0f;
     for (int s = 0; s < k; ++s) {
       const std::size_t row = slot_row ? slot_row[r * k + s] : static_cast<std::size_t>(r) * k + s;
-      y += to_f(ye[row * H + j]) * wts[r * k + s];
+      y = fmaf(to_f(ye[row * H + j]), wts[r * k + s], y);  // as q::Weight::moe_gemv_combine
     }
     T* xr = x + static_cast<std::size_t>(r) * H;
     xr[j] = from_f<T>(to_f(xr[j]) + to_f(from_f<T>(y)));
@@ -321,51 +321,6 @@ template <class T>
 void moe_combine(T* x, const T* ye, const std::int32_t* slot_row, const float* wts, int rows, int k, int H, cudaStream_t s = 0) {
   if (rows == 0) return;
   launch("moe_combine", k_moe_combine<T>, dim3(rows, blocks_for(static_cast<std::size_t>(H), 256)), 256, 0, s, x, ye, slot_row, wts, k, H);
-}
-
-// moe_combine (slot_row null) and the next RMSNorm in one kernel, one block per row (decode): x[r] += T(y) exactly as
-// k_moe_combine, then out[r] = rmsnorm(x[r]) exactly as k_rmsnorm. Same values as moe_combine() then rmsnorm().
-template <class T>
-__global__ void k_moe_combine_rmsnorm(T* __restrict__ x, const T* __restrict__ ye, const float* __restrict__ wts, int k, int n,
-                                      const float* __restrict__ w, T* __restrict__ out, float eps) {
-  pdl_begin();
-  __shared__ double scratch[32];
-  const int r = blockIdx.x;
-  T* xr = x + static_cast<std::size_t>(r) * n;
-  auto combined = [&](int j) {
-    float y = 0.0f;
-    for (int s = 0; s < k; ++s) {
-      const std::size_t row = static_cast<std::size_t>(r) * k + s;
-      y += to_f(ye[row * n + j]) * wts[r * k + s];
-    }
-    return from_f<T>(to_f(xr[j]) + to_f(from_f<T>(y)));
-  };
-  float v[kRowPer];
-#pragma unroll
-  for (int u = 0; u < kRowPer; ++u) {
-    const int i = threadIdx.x + u * blockDim.x;
-    v[u] = i < n ? to_f(combined(i)) : 0.0f;
-  }
-  double ss = 0.0;
-#pragma unroll
-  for (int u = 0; u < kRowPer; ++u) {
-    const int i = threadIdx.x + u * blockDim.x;
-    if (i < n) xr[i] = from_f<T>(v[u]);  // exact: v[u] is a T value
-    ss += static_cast<double>(v[u]) * v[u];
-  }
-  for (int i = threadIdx.x + kRowPer * blockDim.x; i < n; i += blockDim.x) {
-    const T t = combined(i);
-    xr[i] = t;
-    const double d = to_f(t);
-    ss += d * d;
-  }
-  rmsnorm_finish(v, xr, w, out + static_cast<std::size_t>(r) * n, n, block_sum(ss, scratch), eps);
-}
-template <class T>
-void moe_combine_rmsnorm(T* x, const T* ye, const float* wts, int rows, int k, int H, const float* w, T* out, float eps,
-                         cudaStream_t s = 0) {
-  if (rows == 0) return;
-  launch("moe_combine_rmsnorm", k_moe_combine_rmsnorm<T>, rows, 256, 0, s, x, ye, wts, k, H, w, out, eps);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

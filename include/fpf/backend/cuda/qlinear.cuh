@@ -208,67 +208,72 @@ __global__ void k_qgemv(Args a, const T* __restrict__ X, int M, long long x_stri
 // lane l of a row takes the chunks l, l + LPR, l + 2 LPR, ..., CPL at a time, and issues a batch's loads (codes,
 // scales, zeros) before any product. The sums are those of k_qgemv (per 8-code word t = sum_i (q_i - z) x_i, then
 // acc += s t, Affine; code-table weights times activations, Nf4), each lane's words in ascending k, then a
-// butterfly over the row's LPR lanes. Kernel arguments as k_qgemv; `rows` output rows per matrix.
-// NR = 2 (the MoE gate_up of decode): the lanes compute rows n and n + pair (gate and up of one expert) and write
-// silu(T(gate)) * T(up), rounded to T, to Y[n]: the value ops::swiglu gives from the two rounded outputs.
-template <class T, int Code, int Round, int MaxM, int LPR, int CPL, int NR>
-__global__ void __launch_bounds__(128) k_qgemv32(Args a, const T* __restrict__ X, int M, long long x_stride, int x_div,
-                                                 const std::int32_t* __restrict__ ids, T* __restrict__ Y, long long ldy,
-                                                 int rows, int pair) {
+// butterfly over the row's LPR lanes. Kernel arguments as k_qgemv; `rows` output rows per matrix. Modes:
+//   kPlain   Y[m, n] = the row's sum rounded to T;
+//   kSwiglu  (MoE gate_up) the row groups of a block alternate between gate row n and up row n + pair of one
+//            expert; the gate's lanes write silu(T(gate)) * T(up), rounded to T, to Y[n]: ops::swiglu's value;
+//   kCombine (MoE down, one activation row per slot, blockDim = 32 k) warp w takes slot w of token blockIdx.y, all
+//            warps the same rows; then per row n, Y[token, n] (the residual) += T(sum_s T(out_s) wts[s]), the sum in
+//            slot order: ops::moe_combine's value, without writing the slots' outputs.
+enum Mode : int { kPlain = 0, kSwiglu = 1, kCombine = 2 };
+inline constexpr int kCombineMaxSlots = 8;  // kCombine: slots per token (warps per block)
+template <class T, int Code, int Round, int MaxM, int LPR, int CPL, int Mode>
+__global__ void __launch_bounds__(Mode == kCombine ? 32 * kCombineMaxSlots : 128)
+    k_qgemv32(Args a, const T* __restrict__ X, int M, long long x_stride, int x_div, const std::int32_t* __restrict__ ids,
+              T* __restrict__ Y, long long ldy, int rows, int pair, const float* __restrict__ wts) {
   __shared__ float code[16];
+  __shared__ float part[32][32 / LPR];  // kCombine: [slot][row of the block]; kSwiglu: the row groups' sums
   if constexpr (Code == 1) {
     if (threadIdx.x < 16) code[threadIdx.x] = a.code[threadIdx.x];
     __syncthreads();
   }
-  constexpr int RPW = 32 / LPR;  // rows per warp
-  const int lane = threadIdx.x & 31, sub = lane & (LPR - 1);
-  const int n = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RPW + lane / LPR;
+  constexpr int RPW = 32 / LPR;  // row groups per warp
+  const int lane = threadIdx.x & 31, sub = lane & (LPR - 1), warp = threadIdx.x >> 5;
+  const int g = (Mode == kCombine ? blockIdx.x : blockIdx.x * (blockDim.x >> 5) + warp) * RPW + lane / LPR;
+  const int n = Mode == kSwiglu ? g >> 1 : g;  // output row
   const bool valid = n < rows;  // every lane stays for the shuffles
+  const long long nn = (valid ? n : 0) + (Mode == kSwiglu && (g & 1) ? static_cast<long long>(pair) : 0);  // weight row
   // Dense mode: the weights are fixed, so the first batch's loads are issued before pdl_begin (while the kernel
   // that writes X may still be running). MoE mode: the matrix is ids[p], written by the router: wait first.
   if (ids != nullptr) pdl_wait();
-  const auto [e, x, y] = slot_of(X, x_stride, x_div, ids, Y, ldy);
+  int e = 0;
+  const T* x = X;
+  T* y = Y;
+  if constexpr (Mode == kCombine) {
+    const int p = blockIdx.y * (blockDim.x >> 5) + warp;
+    e = ids[p], x = X + static_cast<long long>(p) * x_stride, y = Y + static_cast<long long>(blockIdx.y) * ldy;
+  } else {
+    const Slot<T> sl = slot_of(X, x_stride, x_div, ids, Y, ldy);
+    e = sl.e, x = sl.x, y = sl.y;
+  }
   const int C = a.K >> 5;  // chunks per row
   const int cshift = a.gshift >= 2 ? a.gshift - 2 : -1;  // log2(G / 32)
-  const uint4* wr[NR];
-  const float* srow[NR];
-  const std::uint8_t* zrow[NR];
-  long long fbase[NR];  // Nf4: the row's first weight in the flattened matrix
+  const uint4* wr = reinterpret_cast<const uint4*>(a.words + (static_cast<long long>(e) * a.N + nn) * (a.K / 8));
+  const float* srow = a.scales + e * a.spm + (Code == 0 ? nn * a.ng : 0);
+  const std::uint8_t* zrow = Code == 0 ? a.zeros + (static_cast<long long>(e) * a.N + nn) * a.ng : nullptr;
+  const long long fbase = nn * a.K;  // Nf4: the row's first weight in the flattened matrix
+  float acc[MaxM];
 #pragma unroll
-  for (int r = 0; r < NR; ++r) {
-    const long long nn = (valid ? n : 0) + static_cast<long long>(r) * pair;
-    wr[r] = reinterpret_cast<const uint4*>(a.words + (static_cast<long long>(e) * a.N + nn) * (a.K / 8));
-    srow[r] = a.scales + e * a.spm + (Code == 0 ? nn * a.ng : 0);
-    zrow[r] = Code == 0 ? a.zeros + (static_cast<long long>(e) * a.N + nn) * a.ng : nullptr;
-    fbase[r] = nn * a.K;
-  }
-  float acc[NR][MaxM];
-#pragma unroll
-  for (int r = 0; r < NR; ++r)
-#pragma unroll
-    for (int m = 0; m < MaxM; ++m) acc[r][m] = 0.0f;
-  uint4 q[NR][CPL];
-  float s[NR][CPL], zb[NR][CPL];
+  for (int m = 0; m < MaxM; ++m) acc[m] = 0.0f;
+  uint4 q[CPL];
+  float s[CPL], zb[CPL];
   // The codes, scales and zeros of the chunks c0, c0 + LPR, ..., c0 + (CPL - 1) LPR.
   auto load = [&](int c0) {
 #pragma unroll
     for (int j = 0; j < CPL; ++j) {
       const int c = c0 + LPR * j;
-#pragma unroll
-      for (int r = 0; r < NR; ++r) {
-        q[r][j] = make_uint4(0u, 0u, 0u, 0u);
-        s[r][j] = 0.0f;
-        zb[r][j] = 8388608.0f;
-        if (valid && c < C) {
-          q[r][j] = __ldg(wr[r] + c);
-          if constexpr (Code == 0) {
-            const int g = cshift >= 0 ? c >> cshift : 32 * c / a.G;
-            s[r][j] = __ldg(srow[r] + g);
-            zb[r][j] = __uint_as_float(0x4B000000u | __ldg(zrow[r] + g));  // 2^23 + z, exactly
-          } else {
-            const long long f = fbase[r] + 32 * c;
-            s[r][j] = __ldg(srow[r] + (a.gshift >= 0 ? f >> (a.gshift + 3) : f / a.G));
-          }
+      q[j] = make_uint4(0u, 0u, 0u, 0u);
+      s[j] = 0.0f;
+      zb[j] = 8388608.0f;
+      if (valid && c < C) {
+        q[j] = __ldg(wr + c);
+        if constexpr (Code == 0) {
+          const int gi = cshift >= 0 ? c >> cshift : 32 * c / a.G;
+          s[j] = __ldg(srow + gi);
+          zb[j] = __uint_as_float(0x4B000000u | __ldg(zrow + gi));  // 2^23 + z, exactly
+        } else {
+          const long long f = fbase + 32 * c;
+          s[j] = __ldg(srow + (a.gshift >= 0 ? f >> (a.gshift + 3) : f / a.G));
         }
       }
     }
@@ -281,58 +286,68 @@ __global__ void __launch_bounds__(128) k_qgemv32(Args a, const T* __restrict__ X
     for (int j = 0; j < CPL; ++j) {
       const int c = c0 + LPR * j;
       if (!valid || c >= C) break;
+      const unsigned ws[4] = {q[j].x, q[j].y, q[j].z, q[j].w};
 #pragma unroll
-      for (int r = 0; r < NR; ++r) {
-        const unsigned ws[4] = {q[r][j].x, q[r][j].y, q[r][j].z, q[r][j].w};
+      for (int u = 0; u < 4; ++u) {
+        float w[8];  // Affine: q - z (exact); Nf4: the weight
+        if constexpr (Code == 0) {
+          const unsigned lo = ws[u] & 0x0F0F0F0Fu, hi = (ws[u] >> 4) & 0x0F0F0F0Fu;
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          float w[8];  // Affine: q - z (exact); Nf4: the weight
+          for (int i = 0; i < 4; ++i) {
+            w[2 * i] = __fsub_rn(__uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + i)), zb[j]);
+            w[2 * i + 1] = __fsub_rn(__uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + i)), zb[j]);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) w[i] = weight<Code, Round>(code, (ws[u] >> (4 * i)) & 0xFu, s[j], 0.0f);
+        }
+#pragma unroll
+        for (int m = 0; m < MaxM; ++m) {
+          if (m >= M) break;
+          float xv[8];
+          load8<T>(x + m * x_stride + 32 * c + 8 * u, xv);
           if constexpr (Code == 0) {
-            const unsigned lo = ws[u] & 0x0F0F0F0Fu, hi = (ws[u] >> 4) & 0x0F0F0F0Fu;
+            float t = 0.0f;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              w[2 * i] = __fsub_rn(__uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + i)), zb[r][j]);
-              w[2 * i + 1] = __fsub_rn(__uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + i)), zb[r][j]);
-            }
+            for (int i = 0; i < 8; ++i) t = fmaf(w[i], xv[i], t);
+            acc[m] = fmaf(s[j], t, acc[m]);
           } else {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) w[i] = weight<Code, Round>(code, (ws[u] >> (4 * i)) & 0xFu, s[r][j], 0.0f);
-          }
-#pragma unroll
-          for (int m = 0; m < MaxM; ++m) {
-            if (m >= M) break;
-            float xv[8];
-            load8<T>(x + m * x_stride + 32 * c + 8 * u, xv);
-            if constexpr (Code == 0) {
-              float t = 0.0f;
-#pragma unroll
-              for (int i = 0; i < 8; ++i) t = fmaf(w[i], xv[i], t);
-              acc[r][m] = fmaf(s[r][j], t, acc[r][m]);
-            } else {
-#pragma unroll
-              for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(w[i], xv[i], acc[r][m]);
-            }
+            for (int i = 0; i < 8; ++i) acc[m] = fmaf(w[i], xv[i], acc[m]);
           }
         }
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < NR; ++r)
+  for (int m = 0; m < MaxM; ++m)
+#pragma unroll
+    for (int o = LPR / 2; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
+  if constexpr (Mode == kSwiglu) {
+    // Row group gb of the block (g's parity, as 4 RPW is even): its sum to shared memory; the gate group (even)
+    // reads its up group's (gb + 1, in the same warp or the next).
+    float* sums = &part[0][0];
+    const int gb = warp * RPW + lane / LPR;
+    if (sub == 0) sums[gb] = acc[0];
+    __syncthreads();
+    if (sub != 0 || (g & 1) || !valid) return;
+    const float gt = to_f(from_f<T>(acc[0])), ut = to_f(from_f<T>(sums[gb + 1]));
+    y[n] = from_f<T>(gt / (1.0f + expf(-gt)) * ut);
+  } else if constexpr (Mode == kCombine) {
+    const int k = blockDim.x >> 5, rl = lane / LPR;
+    if (sub == 0) part[warp][rl] = to_f(from_f<T>(acc[0]));  // the slot's output, rounded to T as ye
+    __syncthreads();
+    if (threadIdx.x >= RPW) return;
+    const int nr = blockIdx.x * RPW + threadIdx.x;
+    if (nr >= rows) return;
+    float sum = 0.0f;
+    for (int sl = 0; sl < k; ++sl) sum = fmaf(part[sl][threadIdx.x], wts[blockIdx.y * k + sl], sum);
+    y[nr] = from_f<T>(to_f(y[nr]) + to_f(from_f<T>(sum)));
+  } else {
+    if (sub != 0 || !valid) return;
 #pragma unroll
     for (int m = 0; m < MaxM; ++m)
-#pragma unroll
-      for (int o = LPR / 2; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
-  if (sub != 0 || !valid) return;
-#pragma unroll
-  for (int m = 0; m < MaxM; ++m) {
-    if (m >= M) break;
-    if constexpr (NR == 1) {
-      y[m * ldy + n] = from_f<T>(acc[0][m]);
-    } else {
-      const float g = to_f(from_f<T>(acc[0][m])), u = to_f(from_f<T>(acc[1][m]));
-      y[m * ldy + n] = from_f<T>(g / (1.0f + expf(-g)) * u);
-    }
+      if (m < M) y[m * ldy + n] = from_f<T>(acc[m]);
   }
 }
 
@@ -433,8 +448,8 @@ class Weight {
     if (slots > 0) launch<T>(X, 1, x_stride, x_div, ids, slots, Y, ldy, s);
   }
   // MoE decode gate_up with the SwiGLU: for slot p and n < N / 2, Y[p, n] = silu(T(W_e[n] x)) * T(W_e[N / 2 + n] x),
-  // x = X[p / x_div], e = ids[p] (rounded as gate_up's outputs, then ops::swiglu). Returns false, launching nothing,
-  // where k_qgemv32 does not apply (the caller runs moe_gemv and ops::swiglu).
+  // x = X[p / x_div], e = ids[p] (rounded as gate_up's outputs, then ops::swiglu: the same bits as moe_gemv then
+  // swiglu). Returns false, launching nothing, where k_qgemv32's kSwiglu does not apply (the caller runs both).
   template <class T>
   bool moe_gemv_swiglu(const T* X, long long x_stride, int x_div, const std::int32_t* ids, int slots, T* Y, long long ldy,
                        cudaStream_t s = 0) const {
@@ -442,7 +457,21 @@ class Weight {
     if (slots == 0) return true;
     by_code([&](auto code, auto round) {
       constexpr int Code = decltype(code)::value, Round = decltype(round)::value;
-      run32<T, Code, Round, 1, 2>(X, 1, x_stride, x_div, ids, slots, Y, ldy, N_ / 2, N_ / 2, s);
+      run32<T, Code, Round, 1, kSwiglu>(X, 1, x_stride, x_div, ids, slots, Y, ldy, N_ / 2, N_ / 2, nullptr, s);
+    });
+    return true;
+  }
+  // MoE decode down with the combine: for token r < tokens (slots r k .. r k + k - 1, activation row p of X for
+  // slot p), Xres[r] += T(sum_s T(W_{ids[p]} X[p]) wts[p]) in slot order: the bits of moe_gemv then
+  // ops::moe_combine. Returns false, launching nothing, where kCombine does not apply.
+  template <class T>
+  bool moe_gemv_combine(const T* X, long long x_stride, const std::int32_t* ids, const float* wts, int tokens, int k, T* Xres,
+                        long long ldres, cudaStream_t s = 0) const {
+    if (!chunked(X, x_stride) || k < 1 || k > kCombineMaxSlots) return false;
+    if (tokens == 0) return true;
+    by_code([&](auto code, auto round) {
+      constexpr int Code = decltype(code)::value, Round = decltype(round)::value;
+      run32<T, Code, Round, 1, kCombine>(X, 1, x_stride, 1, ids, tokens * k, Xres, ldres, N_, k, wts, s);
     });
     return true;
   }
@@ -488,18 +517,30 @@ class Weight {
     return wide(X, x_stride) && K_ % 32 == 0 && G_ % 32 == 0;
   }
 
-  template <class T, int Code, int Round, int MaxM, int NR>
+  // Rows of at least 128 chunks take 32 lanes (4 chunks per batch), shorter rows of at least 48 chunks 32 lanes (2
+  // chunks), others 8 lanes (4 chunks): at least 2 chunks per lane where the row is long enough. The lanes per row
+  // fix the order of the sums, so every mode takes the same choice for a shape.
+  // pair: kSwiglu the up rows' offset; kCombine the slots per token (slots = tokens k).
+  template <class T, int Code, int Round, int MaxM, int Mode>
   void run32(const T* X, int M, long long xs, int xd, const std::int32_t* ids, int slots, T* Y, long long ldy, int rows,
-             int pair, cudaStream_t s) const {
-    const int C = K_ / 32;  // chunks per row: at least 2 per lane where the row is long enough
+             int pair, const float* wts, cudaStream_t s) const {
+    const int C = K_ / 32;
     auto go = [&](auto lpr, auto cpl) {
-      constexpr int LPR = decltype(lpr)::value, CPL = decltype(cpl)::value;
-      const dim3 grid(blocks_for(static_cast<std::size_t>(rows), 4 * (32 / LPR)), static_cast<unsigned>(slots));
-      cuda::launch("qgemv32", k_qgemv32<T, Code, Round, MaxM, LPR, CPL, NR>, grid, 128, 0, s, args(), X, M, xs, xd, ids, Y, ldy, rows, pair);
+      constexpr int LPR = decltype(lpr)::value, CPL = decltype(cpl)::value, RPW = 32 / LPR;
+      auto* k = k_qgemv32<T, Code, Round, MaxM, LPR, CPL, Mode>;
+      if constexpr (Mode == kCombine) {  // a block: RPW rows of every slot of one token
+        const dim3 grid(blocks_for(static_cast<std::size_t>(rows), RPW), static_cast<unsigned>(slots / pair));
+        cuda::launch("qgemv32", k, grid, 32 * pair, 0, s, args(), X, M, xs, xd, ids, Y, ldy, rows, pair, wts);
+      } else {  // a block: 4 warps of RPW row groups (kSwiglu: gate and up groups alternate)
+        const std::size_t groups = static_cast<std::size_t>(rows) * (Mode == kSwiglu ? 2 : 1);
+        const dim3 grid(blocks_for(groups, 4 * RPW), static_cast<unsigned>(slots));
+        cuda::launch("qgemv32", k, grid, 128, 0, s, args(), X, M, xs, xd, ids, Y, ldy, rows, pair, wts);
+      }
     };
-    if (C >= 128) go(std::integral_constant<int, 32>{}, std::integral_constant<int, 4>{});
-    else if (C >= 48) go(std::integral_constant<int, 32>{}, std::integral_constant<int, 2>{});
-    else go(std::integral_constant<int, 8>{}, std::integral_constant<int, 4>{});
+    using std::integral_constant;
+    if (C >= 128) go(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+    else if (C >= 48) go(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+    else go(integral_constant<int, 8>{}, integral_constant<int, 4>{});
   }
 
   template <class T>
@@ -512,10 +553,10 @@ class Weight {
       auto rows = [&](auto code, auto round) {
         constexpr int Code = decltype(code)::value, Round = decltype(round)::value;
         switch (mm) {
-          case 1: return run32<T, Code, Round, 1, 1>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, s);
-          case 2: return run32<T, Code, Round, 2, 1>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, s);
-          case 4: return run32<T, Code, Round, 4, 1>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, s);
-          default: return run32<T, Code, Round, 8, 1>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, s);
+          case 1: return run32<T, Code, Round, 1, kPlain>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, nullptr, s);
+          case 2: return run32<T, Code, Round, 2, kPlain>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, nullptr, s);
+          case 4: return run32<T, Code, Round, 4, kPlain>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, nullptr, s);
+          default: return run32<T, Code, Round, 8, kPlain>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, nullptr, s);
         }
       };
       return by_code(rows);
