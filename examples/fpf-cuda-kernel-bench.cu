@@ -276,7 +276,8 @@ int main(int argc, char** argv) {
     cuda::DeviceBuffer<unsigned> counter(1);
     FPF_CUDA(cudaMemset(counter.get(), 0, sizeof(unsigned)));
     auto xr = random_device<T>(static_cast<std::size_t>(H), 24);
-    cuda::DeviceBuffer<T> hn(static_cast<std::size_t>(H)), qkvb(static_cast<std::size_t>(q_dim + 2 * kv_dim)), att(static_cast<std::size_t>(q_dim)),
+    cuda::DeviceBuffer<T> hn(static_cast<std::size_t>(H)), qkvb(static_cast<std::size_t>(q_dim + 2 * kv_dim)),
+        att(static_cast<std::size_t>(q_dim)),
         ob(static_cast<std::size_t>(H)), rl(static_cast<std::size_t>(E)), gub(static_cast<std::size_t>(k) * 2 * I),
         actb(static_cast<std::size_t>(k) * I), yeb(static_cast<std::size_t>(k) * H);
     int layer = 0;
@@ -286,8 +287,8 @@ int main(int argc, char** argv) {
       const float eps = 1e-6f;
       cuda::ops::rmsnorm<T>(xr.get(), nullptr, nw.get(), hn.get(), 1, H, eps, st);
       wq[l].gemv<T>(hn.get(), 1, H, qkvb.get(), q_dim + 2 * kv_dim, st);
-      cuda::ops::qk_norm_rope<T>(qkvb.get(), dseq.get(), dlast.get(), 1, nw.get(), nw.get(), inv.get(), ktab.get() + l, vtab.get() + l, nh, nkv,
-                                 D, eps, st);
+      cuda::ops::qk_norm_rope<T>(qkvb.get(), dseq.get(), dlast.get(), 1, nw.get(), nw.get(), inv.get(), ktab.get() + l,
+                                 vtab.get() + l, nh, nkv, D, eps, st);
       attn::CudaArgs<T> al = d;
       al.q = qkvb.get();
       al.q_stride = q_dim + 2 * kv_dim;
@@ -313,7 +314,8 @@ int main(int argc, char** argv) {
     const double t_apart = time_us(one_layer, 4 * kLayers);
     fused = true;
     const double t_layer = time_us(one_layer, 4 * kLayers);
-    const double layer_bytes = static_cast<double>(wq[0].bytes_per_matrix() + wo[0].bytes_per_matrix() + k * (wgu.bytes_per_matrix() + wdn.bytes_per_matrix())) +
+    const double layer_bytes = static_cast<double>(wq[0].bytes_per_matrix() + wo[0].bytes_per_matrix() +
+                                                   k * (wgu.bytes_per_matrix() + wdn.bytes_per_matrix())) +
                                static_cast<double>(E) * H * sizeof(T) + kv_bytes;
     std::printf("affine-4bit decode layer (%d distinct layers, cold L2, PDL %s): %.1f us per layer (%.1f MB: %.0f GB/s), "
                 "%.1f us with swiglu and combine apart; x 48 + lm_head: %.2f ms per token\n",

@@ -193,7 +193,8 @@ void qk_norm_rope(T* qkv, const std::int32_t* row_seq, const std::int32_t* row_p
                   float eps, cudaStream_t s = 0) {
   if (rows == 0) return;
   constexpr int kWarps = 4;  // (row, head) pairs per block
-  launch("qk_norm_rope", k_qk_norm_rope<T>, dim3(rows, (nh + nkv + kWarps - 1) / kWarps), 32 * kWarps, 0, s, qkv, row_seq, row_pos, q_norm, k_norm, inv_freq, kcache, vcache, nh, nkv, D, eps);
+  launch("qk_norm_rope", k_qk_norm_rope<T>, dim3(rows, (nh + nkv + kWarps - 1) / kWarps), 32 * kWarps, 0, s, qkv, row_seq,
+         row_pos, q_norm, k_norm, inv_freq, kcache, vcache, nh, nkv, D, eps);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -619,9 +620,12 @@ void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, 
   const unsigned blocks = blocks_for(static_cast<std::size_t>(E), kRouterWarps);
   const std::size_t smem = static_cast<std::size_t>(kRouterWarps) * E * sizeof(float);
   const int nm = norm ? 1 : 0;
+  auto go = [&](auto* kern) {
+    launch("router_gemv", kern, blocks, 32 * kRouterWarps, smem, s, X, W, E, K, logits, k, nm, ids, wts, counter);
+  };
   switch (M) {
 #define FPF_ROUTER_M(MM) \
-  case MM: launch("router_gemv", k_router_gemv<T, MM>, blocks, 32 * kRouterWarps, smem, s, X, W, E, K, logits, k, nm, ids, wts, counter); break;
+  case MM: return go(k_router_gemv<T, MM>);
     FPF_ROUTER_M(1) FPF_ROUTER_M(2) FPF_ROUTER_M(3) FPF_ROUTER_M(4) FPF_ROUTER_M(5) FPF_ROUTER_M(6) FPF_ROUTER_M(7) FPF_ROUTER_M(8)
 #undef FPF_ROUTER_M
     default: throw Error("router_gemv", "1 to 8 rows");
@@ -796,8 +800,10 @@ void log_softmax_topk(const T* logits, int rows, long long V, int k, std::int32_
   pmax.resize(static_cast<std::size_t>(rows) * S);
   psum.resize(static_cast<std::size_t>(rows) * S);
   cand.resize(static_cast<std::size_t>(rows) * S * K);
-  launch("lsm_slice", k_lsm_slice<T>, dim3(rows, S), kLsmThreads, (kLsmThreads / 32) * K * sizeof(unsigned long long), s, logits, V, K, pkey.get(), pmax.get(), psum.get(), cand.get());
-  launch("lsm_final", k_lsm_final<>, rows, 32, K * sizeof(unsigned long long) + S * sizeof(int), s, pkey.get(), pmax.get(), psum.get(), cand.get(), S, K, k, top_ids, top_lp, argmax);
+  launch("lsm_slice", k_lsm_slice<T>, dim3(rows, S), kLsmThreads, (kLsmThreads / 32) * K * sizeof(unsigned long long), s, logits,
+         V, K, pkey.get(), pmax.get(), psum.get(), cand.get());
+  launch("lsm_final", k_lsm_final<>, rows, 32, K * sizeof(unsigned long long) + S * sizeof(int), s, pkey.get(), pmax.get(),
+         psum.get(), cand.get(), S, K, k, top_ids, top_lp, argmax);
 }
 
 }  // namespace fpf::cuda::ops
