@@ -453,7 +453,8 @@ class Impl {
     }
     timer_.mark("moe router");
     if (R <= ops::kGemvMaxRows) {
-      // 4-bit weights: gate_up with the SwiGLU, and down with the combine, one kernel each (same bits as apart).
+      // 4-bit weights: gate_up with the SwiGLU, and down with the combine, one kernel each (same bits as apart);
+      // dense weights: moe_gemv, swiglu, moe_gemv, moe_combine.
       L.gate_up.moe_gemv_swiglu(h_.get(), k, d_ids, P, gu_.get(), act_.get(), st);
       L.down.moe_gemv_combine(act_.get(), d_ids, route_wts_.get(), R, k, ye_.get(), x_.get(), H, st);
       return;

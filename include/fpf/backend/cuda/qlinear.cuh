@@ -16,8 +16,10 @@
 //
 // Kernel shape: k_qgemv32 where K and G are multiples of 32 and the activations are aligned and not permuted (the
 // real checkpoints): 16-byte loads of 32 codes, 8 or 32 lanes per row, a lane's loads issued before its products
-// (affine products 26.7 us per layer on the H100, was 35.2). Else k_qgemv: one warp per output row, 8 codes per
+// (affine products 26.7 us per layer on the H100, was 35.2); its modes also fuse the MoE decode's SwiGLU into gate_up
+// and the combine into down (same bits as the separate ops). Else k_qgemv: one warp per output row, 8 codes per
 // lane and load; activations 8 per 16-byte load when aligned and not permuted, else one by one (GPTQ act-order).
+// Both are launched with programmatic dependent launch (cuda::launch).
 #include <cstdint>
 #include <type_traits>
 #include <vector>
