@@ -24,6 +24,49 @@ using T = cuda::bf16;
 
 namespace {
 
+// Experiment (not used by the backend): the router with one block per expert row, its 8 warps splitting K (one
+// 16-byte weight load per lane at K 2048, issued before pdl_wait), then the last block routes as k_router_gemv.
+// Another order of the sums than ops::router_gemv (other bits); timed against it.
+__global__ void __launch_bounds__(256) k_router_split(const T* __restrict__ X, const T* __restrict__ W, int E, int K, T* logits,
+                                                      int k, int norm, std::int32_t* ids, float* wts, unsigned* counter) {
+  constexpr int V = 8;
+  __shared__ float part[8];
+  __shared__ float p[256];
+  __shared__ int sel[64];
+  __shared__ float selw[64];
+  __shared__ bool last;
+  const int n = blockIdx.x, chunks = K / V;
+  const cuda::ops::Vec<T>* wr = reinterpret_cast<const cuda::ops::Vec<T>*>(W + static_cast<std::size_t>(n) * K);
+  cuda::ops::Vec<T> wv[2];
+  const int c0 = threadIdx.x, c1 = threadIdx.x + blockDim.x;
+  if (c0 < chunks) wv[0] = wr[c0];
+  if (c1 < chunks) wv[1] = wr[c1];
+  cuda::pdl_begin();
+  float acc = 0.0f;
+  for (int u = 0; u < 2; ++u) {
+    const int c = u == 0 ? c0 : c1;
+    if (c >= chunks) break;
+    const cuda::ops::Vec<T> xv = reinterpret_cast<const cuda::ops::Vec<T>*>(X)[c];
+    for (int i = 0; i < V; ++i) acc = fmaf(cuda::to_f(wv[u].v[i]), cuda::to_f(xv.v[i]), acc);
+  }
+  acc = cuda::warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.0f;
+    for (int w = 0; w < 8; ++w) t += part[w];
+    logits[n] = cuda::from_f<T>(t);
+    __threadfence();
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (threadIdx.x < 32)
+    cuda::ops::route_row([&](int e) { return cuda::to_f(__ldcg(logits + e)); }, E, k, norm, p, sel, selw, ids, wts);
+  if (threadIdx.x == 0) *counter = 0u;
+}
+
 // Mean microseconds per call of f(stream), GPU side: `iters` calls captured into one CUDA graph (as a decode step
 // is), replayed 5 times after one warm-up replay. Host launch overhead is not in it; each launch's start-up on the
 // GPU and the gap to the previous kernel are, as in a decode step.
@@ -88,12 +131,14 @@ quant::Packed4 packed(quant::Packed4::Code code, int N, int K, std::uint32_t see
 
 int main(int argc, char** argv) {
   int keys = 6000, iters = 200;
+  bool layer_only = false;  // --layer-only 1: only the whole-layer section
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--keys") keys = std::atoi(argv[i + 1]);
     else if (k == "--iters") iters = std::atoi(argv[i + 1]);
+    else if (k == "--layer-only") layer_only = std::atoi(argv[i + 1]) != 0;
     else {
-      std::fprintf(stderr, "usage: fpf-cuda-kernel-bench [--keys N] [--iters N]\n");
+      std::fprintf(stderr, "usage: fpf-cuda-kernel-bench [--keys N] [--iters N] [--layer-only 0|1]\n");
       return 2;
     }
   }
@@ -140,11 +185,11 @@ int main(int argc, char** argv) {
   d.row_pos = dlast.get();
   d.scratch = scratch.get();
   const double kv_bytes = 2.0 * keys * kv_dim * sizeof(T);
-  const double de = time_us([&](cudaStream_t st) { attn::Cuda<attn::Eager>::run<T>(d, st); }, iters);
-  const double df = time_us([&](cudaStream_t st) { attn::Cuda<attn::Flash<>>::run<T>(d, st); }, iters);
+  const double de = layer_only ? 0 : time_us([&](cudaStream_t st) { attn::Cuda<attn::Eager>::run<T>(d, st); }, iters);
+  const double df = layer_only ? 0 : time_us([&](cudaStream_t st) { attn::Cuda<attn::Flash<>>::run<T>(d, st); }, iters);
   std::printf("decode attention, 1 row x %d keys: eager %.1f us, flash %.1f us (KV %.1f MB: %.0f / %.0f GB/s)\n", keys, de, df,
               kv_bytes / 1e6, kv_bytes / de / 1e3, kv_bytes / df / 1e3);
-  {
+  if (!layer_only) {
     cuda::Gemm g;
     cuda::DeviceBuffer<float> S;
     cuda::DeviceBuffer<T> P;
@@ -172,6 +217,7 @@ int main(int argc, char** argv) {
                           {"experts down x8", H, I, true}};
   double layer_dense = 0, layer_awq = 0, layer_nf4 = 0;
   for (const Shape& s : shapes) {
+    if (layer_only) break;
     const int mats = s.moe ? E : 1, slots = s.moe ? k : 1;
     const double w_elems = static_cast<double>(s.N) * s.K * slots;
     auto wd = random_device<T>(static_cast<std::size_t>(mats) * s.N * s.K, 5);
@@ -192,10 +238,10 @@ int main(int argc, char** argv) {
                 s.K, td, w_elems * 2 / td / 1e3, tq[0], w_elems * 0.5 / tq[0] / 1e3, tq[1]);
   }
   auto lm = random_device<T>(static_cast<std::size_t>(V) * H, 6);
-  const double tl = time_us([&](cudaStream_t st) { gemm.linear<T>(x.get(), 1, lm.get(), static_cast<int>(V), H, y.get(), st); }, iters / 4 + 1);
+  const double tl = layer_only ? 0 : time_us([&](cudaStream_t st) { gemm.linear<T>(x.get(), 1, lm.get(), static_cast<int>(V), H, y.get(), st); }, iters / 4 + 1);
   std::printf("lm_head bf16 N %lld K %d: %.1f us (%.0f GB/s)\n", V, H, tl, static_cast<double>(V) * H * 2 / tl / 1e3);
   // ---- the other kernels of a batch-1 decode step ----
-  {
+  if (!layer_only) {
     cuda::DeviceBuffer<float> nw(static_cast<std::size_t>(H)), inv(static_cast<std::size_t>(D / 2));
     std::vector<float> ones(static_cast<std::size_t>(H), 1.0f), invh(static_cast<std::size_t>(D / 2));
     for (int i = 0; i < D / 2; ++i) invh[static_cast<std::size_t>(i)] = std::pow(1e6f, -2.0f * i / D);
@@ -223,7 +269,8 @@ int main(int argc, char** argv) {
     const double t_comb = time_us([&](cudaStream_t st) { cuda::ops::moe_combine<T>(xa.get(), ye.get(), nullptr, rw.get(), 1, k, H, st); }, iters);
     cuda::DeviceBuffer<std::int32_t> top(11);
     cuda::DeviceBuffer<float> toplp(10);
-    const double t_lsm = time_us([&](cudaStream_t st) { cuda::ops::log_softmax_topk<T>(y.get(), 1, V, 10, top.get(), toplp.get(), top.get() + 10, st); }, iters / 4 + 1);
+    cuda::ops::LsmScratch lsm;
+    const double t_lsm = time_us([&](cudaStream_t st) { cuda::ops::log_softmax_topk<T>(y.get(), 1, V, 10, top.get(), toplp.get(), top.get() + 10, lsm, st); }, iters / 4 + 1);
     const double small = t_norm + t_addnorm + t_rope + t_rgemv + t_router + t_swiglu + t_comb;
     std::printf("small kernels: rmsnorm %.2f, add_rmsnorm %.2f, qk_norm_rope %.2f, router gemv %.2f, router top-k %.2f, swiglu %.2f, "
                 "moe_combine %.2f us: %.1f us per layer (x 48: %.2f ms); log_softmax + top-k %.1f us\n",
@@ -281,28 +328,42 @@ int main(int argc, char** argv) {
         ob(static_cast<std::size_t>(H)), rl(static_cast<std::size_t>(E)), gub(static_cast<std::size_t>(k) * 2 * I),
         actb(static_cast<std::size_t>(k) * I), yeb(static_cast<std::size_t>(k) * H);
     int layer = 0;
+    // Which kernels run (bit i: stage_names[i]): the layer is stages 0-8; 9 and 10 (the router's product and its
+    // top-k as two kernels) and 11 (k_router_split) are timed alone, against the fused router (6).
+    constexpr unsigned kLayerStages = (1u << 9) - 1;
+    unsigned stages = kLayerStages;
+    const char* const stage_names[] = {"rmsnorm", "qkv", "qk_norm_rope", "flash", "o", "add_rmsnorm", "router", "gate_up+swiglu",
+                                       "down+combine", "router gemv alone", "router top-k alone", "router K-split (experiment)"};
     bool fused = true;  // gate_up + SwiGLU and down + combine in one kernel each, as the backend
     auto one_layer = [&](cudaStream_t st) {
       const int l = layer++ % kLayers;
       const float eps = 1e-6f;
-      cuda::ops::rmsnorm<T>(xr.get(), nullptr, nw.get(), hn.get(), 1, H, eps, st);
-      wq[l].gemv<T>(hn.get(), 1, H, qkvb.get(), q_dim + 2 * kv_dim, st);
-      cuda::ops::qk_norm_rope<T>(qkvb.get(), dseq.get(), dlast.get(), 1, nw.get(), nw.get(), inv.get(), ktab.get() + l,
-                                 vtab.get() + l, nh, nkv, D, eps, st);
+      auto on = [&](int stage) { return (stages >> stage) & 1u; };
+      if (on(0)) cuda::ops::rmsnorm<T>(xr.get(), nullptr, nw.get(), hn.get(), 1, H, eps, st);
+      if (on(1)) wq[l].gemv<T>(hn.get(), 1, H, qkvb.get(), q_dim + 2 * kv_dim, st);
+      if (on(2))
+        cuda::ops::qk_norm_rope<T>(qkvb.get(), dseq.get(), dlast.get(), 1, nw.get(), nw.get(), inv.get(), ktab.get() + l,
+                                   vtab.get() + l, nh, nkv, D, eps, st);
       attn::CudaArgs<T> al = d;
       al.q = qkvb.get();
       al.q_stride = q_dim + 2 * kv_dim;
       al.kcache = ktab.get() + l;
       al.vcache = vtab.get() + l;
       al.out = att.get();
-      attn::Cuda<attn::Flash<>>::run<T>(al, st);
-      wo[l].gemv<T>(att.get(), 1, q_dim, ob.get(), H, st);
-      cuda::ops::add_rmsnorm<T>(xr.get(), ob.get(), nw.get(), hn.get(), 1, H, eps, st);
-      cuda::ops::router_gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), k, true, rids.get(), rw.get(), counter.get(), st);
+      if (on(3)) attn::Cuda<attn::Flash<>>::run<T>(al, st);
+      if (on(4)) wo[l].gemv<T>(att.get(), 1, q_dim, ob.get(), H, st);
+      if (on(5)) cuda::ops::add_rmsnorm<T>(xr.get(), ob.get(), nw.get(), hn.get(), 1, H, eps, st);
+      if (on(6))
+        cuda::ops::router_gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), k, true, rids.get(), rw.get(), counter.get(), st);
+      if (on(9)) cuda::ops::gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), st);
+      if (on(10)) cuda::ops::router<T>(rl.get(), 1, E, k, true, rids.get(), rw.get(), st);
+      if (on(11))
+        cuda::launch("router_split", k_router_split, E, 256, 0, st, hn.get(), router_w.get(), E, H, rl.get(), k, 1, rids.get(),
+                     rw.get(), counter.get());
       const std::int32_t* ids_l = lids.get() + static_cast<std::size_t>(l) * k;
       if (fused) {
-        wgu.moe_gemv_swiglu<T>(hn.get(), H, k, ids_l, k, actb.get(), I, st);
-        wdn.moe_gemv_combine<T>(actb.get(), I, ids_l, rw.get(), 1, k, xr.get(), H, st);
+        if (on(7)) wgu.moe_gemv_swiglu<T>(hn.get(), H, k, ids_l, k, actb.get(), I, st);
+        if (on(8)) wdn.moe_gemv_combine<T>(actb.get(), I, ids_l, rw.get(), 1, k, xr.get(), H, st);
       } else {
         wgu.moe_gemv<T>(hn.get(), H, k, ids_l, k, gub.get(), 2 * I, st);
         cuda::ops::swiglu<T>(gub.get(), actb.get(), k, I, st);
@@ -310,10 +371,10 @@ int main(int argc, char** argv) {
         cuda::ops::moe_combine<T>(xr.get(), yeb.get(), nullptr, rw.get(), 1, k, H, st);
       }
     };
+    const double t_layer = time_us(one_layer, 4 * kLayers);
     fused = false;
     const double t_apart = time_us(one_layer, 4 * kLayers);
     fused = true;
-    const double t_layer = time_us(one_layer, 4 * kLayers);
     const double layer_bytes = static_cast<double>(wq[0].bytes_per_matrix() + wo[0].bytes_per_matrix() +
                                                    k * (wgu.bytes_per_matrix() + wdn.bytes_per_matrix())) +
                                static_cast<double>(E) * H * sizeof(T) + kv_bytes;
@@ -321,6 +382,17 @@ int main(int argc, char** argv) {
                 "%.1f us with swiglu and combine apart; x 48 + lm_head: %.2f ms per token\n",
                 kLayers, cuda::pdl_enabled() ? "on" : "off", t_layer, layer_bytes / 1e6, layer_bytes / t_layer / 1e3, t_apart,
                 (48 * t_layer + tl) / 1e3);
+    // Each kernel alone, back to back over the kLayers weight sets (cold L2, PDL as above): where the layer's time goes.
+    std::printf("  each alone (cold):");
+    double sum = 0;
+    for (int i = 0; i < 12; ++i) {
+      stages = 1u << i;
+      const double t = time_us(one_layer, 4 * kLayers);
+      if (i < 9) sum += t;
+      std::printf(" %s %.1f", stage_names[i], t);
+    }
+    stages = kLayerStages;
+    std::printf(" us; sum of the layer's %.1f us\n", sum);
   }
   std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n", layer_dense,
               layer_awq, layer_nf4, layer_dense * 48 / 1e3, layer_awq * 48 / 1e3, layer_nf4 * 48 / 1e3);

@@ -471,7 +471,8 @@ void test_log_softmax_topk(long long V, int topk, std::uint32_t seed) {
   auto d = to_device(lgt);
   DeviceBuffer<std::int32_t> ids(static_cast<std::size_t>(rows) * topk), am(rows);
   DeviceBuffer<float> lp(static_cast<std::size_t>(rows) * topk);
-  ops::log_softmax_topk<T>(d.get(), rows, V, topk, ids.get(), lp.get(), am.get());
+  ops::LsmScratch scratch;
+  ops::log_softmax_topk<T>(d.get(), rows, V, topk, ids.get(), lp.get(), am.get(), scratch);
   FPF_CUDA(cudaDeviceSynchronize());
   const auto gi = ids.download(ids.size());
   const auto gl = lp.download(lp.size());

@@ -114,7 +114,7 @@ __global__ void k_flash(CudaArgs<T> a) {
 // timing-dependent order: bit-identical across runs.
 inline constexpr int kTcKeys = 32;  // keys per shared-memory tile (two 16-key softmax tiles)
 inline constexpr int kTcWarps = 4;  // warps per block; up to 3 blocks per SM (registers: <= 168 per thread)
-// (tc_cp_async16, tc_ldsm_x4, tc_ldsm_x4_t, tc_mma, tc_pack2: flash_decode.cuh, shared with k_flash_decode_tc.)
+// (tc_cp_async16, tc_ldsm_x4, tc_ldsm_x4_t, tc_mma: flash_decode.cuh, shared with k_flash_decode_tc; cuda::pack2: common.cuh.)
 
 template <class T, int D>
 __global__ void __launch_bounds__(32 * kTcWarps, 3) k_flash_tc(CudaArgs<T> a, int first_row, int nrows, int hb) {
@@ -243,10 +243,10 @@ __global__ void __launch_bounds__(32 * kTcWarps, 3) k_flash_tc(CudaArgs<T> a, in
           for (int e = 0; e < 4; ++e) p[i][e] = expf(s[2 * u + i][e] - (e < 2 ? sa : sb));
         la = la * ca[u] + ((p[0][0] + p[0][1]) + (p[1][0] + p[1][1]));
         lb = lb * cb[u] + ((p[0][2] + p[0][3]) + (p[1][2] + p[1][3]));
-        pa[u][0] = tc_pack2<T>(p[0][0], p[0][1]);
-        pa[u][1] = tc_pack2<T>(p[0][2], p[0][3]);
-        pa[u][2] = tc_pack2<T>(p[1][0], p[1][1]);
-        pa[u][3] = tc_pack2<T>(p[1][2], p[1][3]);
+        pa[u][0] = cuda::pack2<T>(p[0][0], p[0][1]);
+        pa[u][1] = cuda::pack2<T>(p[0][2], p[0][3]);
+        pa[u][2] = cuda::pack2<T>(p[1][0], p[1][1]);
+        pa[u][3] = cuda::pack2<T>(p[1][2], p[1][3]);
       }
       // O = O * corr + P V per 16-key tile, in key order (two 8-column pieces of V^T per ldmatrix.trans).
       auto pv = [&](int u) {
@@ -281,8 +281,8 @@ __global__ void __launch_bounds__(32 * kTcWarps, 3) k_flash_tc(CudaArgs<T> a, in
   T* out_b = a.out + (static_cast<std::size_t>(first_row + rb) * a.num_heads + h) * D + 2 * t;
 #pragma unroll
   for (int i = 0; i < DN; ++i) {
-    if (ra < nrows) *reinterpret_cast<std::uint32_t*>(out_a + 8 * i) = tc_pack2<T>(o[i][0] * ia, o[i][1] * ia);
-    if (rb < nrows) *reinterpret_cast<std::uint32_t*>(out_b + 8 * i) = tc_pack2<T>(o[i][2] * ib, o[i][3] * ib);
+    if (ra < nrows) *reinterpret_cast<std::uint32_t*>(out_a + 8 * i) = cuda::pack2<T>(o[i][0] * ia, o[i][1] * ia);
+    if (rb < nrows) *reinterpret_cast<std::uint32_t*>(out_b + 8 * i) = cuda::pack2<T>(o[i][2] * ib, o[i][3] * ib);
   }
 }
 

@@ -62,19 +62,6 @@ __device__ __forceinline__ void tc_mma(float (&c)[4], const std::uint32_t (&a)[4
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// Two floats rounded to T (nearest even), lo in the low half.
-template <class T>
-__device__ __forceinline__ std::uint32_t tc_pack2(float lo, float hi) {
-  std::uint32_t r;
-  if constexpr (std::is_same_v<T, cuda::bf16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    std::memcpy(&r, &v, 4);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    std::memcpy(&r, &v, 4);
-  }
-  return r;
-}
 
 // Shared memory of k_flash_decode: q (fp32) [G, D], scores/probabilities [G, C], running maxima [G, tiles + 1]
 // (padded to 16 bytes), K [C, D + Vn], V [C, D].

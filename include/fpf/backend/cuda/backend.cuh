@@ -285,6 +285,7 @@ class Impl {
     moved |= logits_.resize(static_cast<std::size_t>(Nc) * V);
     moved |= top_.resize(static_cast<std::size_t>(Nc) * (spec.topk + 1));
     moved |= top_lp_.resize(static_cast<std::size_t>(Nc) * spec.topk);
+    moved |= lsm_.reserve(Nc, V, spec.topk);
 
     const cudaStream_t st = stream_;
     // Everything from the embedding to the top-k: in decode a fixed sequence of kernels (no host round trip).
@@ -343,8 +344,9 @@ class Impl {
       timer_.mark("mlp/moe");
       if (tapped.count(l + 1)) {
         float* sg = stage_.get() + static_cast<std::size_t>(li) * tap_block;
-        ops::rows_to_f32<T>(x_.get(), d_cap, Nc, H, 0, H, sg, st);
-        ops::rows_to_f32<T>(qkv_.get(), d_cap, Nc, qkv_dim, q_dim, kv_dim, sg + static_cast<std::size_t>(Nc) * H, st);
+        const ops::RowCopy<T> hidden{x_.get(), static_cast<std::size_t>(H), 0, H, sg};
+        const ops::RowCopy<T> keys{qkv_.get(), static_cast<std::size_t>(qkv_dim), q_dim, kv_dim, sg + static_cast<std::size_t>(Nc) * H};
+        ops::rows_to_f32<T>(hidden, &keys, d_cap, Nc, st);
         ++li;
       }
     }
@@ -352,7 +354,7 @@ class Impl {
     gemm_.linear<T>(hc_.get(), Nc, lm_head(), static_cast<int>(V), H, logits_.get(), st);
     std::int32_t* d_top = top_.get();
     std::int32_t* d_arg = d_top + static_cast<std::size_t>(Nc) * spec.topk;
-    ops::log_softmax_topk<T>(logits_.get(), Nc, V, spec.topk, d_top, top_lp_.get(), d_arg, st);
+    ops::log_softmax_topk<T>(logits_.get(), Nc, V, spec.topk, d_top, top_lp_.get(), d_arg, lsm_, st);
     timer_.mark("taps+head");
     };
 
@@ -695,6 +697,7 @@ class Impl {
   DeviceBuffer<T*> kptr_, vptr_;
   DeviceBuffer<std::int32_t> meta_, route_ids_, top_;
   DeviceBuffer<unsigned> router_count_;  // ops::router_gemv's last-block counter
+  ops::LsmScratch lsm_;                   // ops::log_softmax_topk's scratch
   DeviceBuffer<float> route_wts_, stage_, top_lp_, attn_scratch_, prefill_s_;
   DeviceBuffer<T> prefill_p_;
   DeviceBuffer<T> x_, h_, tmp_, qkv_, att_, gu_, act_, ye_, xg_, rlogits_, hc_, logits_;

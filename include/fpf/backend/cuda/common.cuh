@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -235,6 +236,20 @@ void launch(const char* what, void (*k)(P...), dim3 grid, dim3 block, std::size_
   cfg.attrs = &at;
   cfg.numAttrs = pdl_enabled() ? 1 : 0;
   check(cudaLaunchKernelEx(&cfg, k, std::forward<A>(args)...), what);
+}
+
+// Two floats rounded to T (bf16 or fp16, nearest even), lo in the low half: a 32-bit tensor-core operand or store.
+template <class T>
+__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
+  std::uint32_t r;
+  if constexpr (std::is_same_v<T, bf16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    std::memcpy(&r, &v, 4);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    std::memcpy(&r, &v, 4);
+  }
+  return r;
 }
 
 inline unsigned blocks_for(std::size_t n, unsigned threads) { return static_cast<unsigned>((n + threads - 1) / threads); }

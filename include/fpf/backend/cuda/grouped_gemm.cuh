@@ -65,20 +65,6 @@ __device__ __forceinline__ uint4 ld_shared_v4(unsigned a) {
   return v;
 }
 
-// Two floats rounded to T (nearest even), lo in the low half.
-template <class T>
-__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
-  std::uint32_t r;
-  if constexpr (std::is_same_v<T, bf16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    std::memcpy(&r, &v, 4);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    std::memcpy(&r, &v, 4);
-  }
-  return r;
-}
-
 // ---- Tile schedule ------------------------------------------------------------------------------------------------
 // Warp 0 writes s_off[0..E] = offsets and s_mt[0..E] = prefix sums of ceil(M_e / BM); the caller synchronises.
 template <int BM>

@@ -243,10 +243,10 @@ __device__ void route_row(Logit logit, int E, int k, int norm, float* p, int* se
                           float* __restrict__ wts) {
   const int lane = threadIdx.x & 31;
   float m = -INFINITY;
-  for (int e = lane; e < E; e += 32) m = fmaxf(m, logit(e));
+  for (int e = lane; e < E; e += 32) m = fmaxf(m, p[e] = logit(e));  // each logit read once
   m = warp_max(m);
   float sum = 0.0f;
-  for (int e = lane; e < E; e += 32) sum += (p[e] = expf(logit(e) - m));
+  for (int e = lane; e < E; e += 32) sum += (p[e] = expf(p[e] - m));
   sum = warp_sum(sum);
   for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
   __syncwarp();
@@ -447,19 +447,28 @@ void gather(const T* src, const std::int32_t* rows, int src_div, int nrows, T* d
     launch("gather", k_gather<T, 1>, nrows, 256, 0, s, src, rows, src_div, dst, n);
 }
 
-// Converts rows of T to fp32 (taps): dst[i] = float(src[rows[i] * stride + col0 .. + n])
+// Converts rows of T to fp32 (taps). One copy: dst[i, j] = float(src[rows[i] * stride + col0 + j]) for j < n.
 template <class T>
-__global__ void k_rows_to_f32(const T* __restrict__ src, const std::int32_t* __restrict__ rows, std::size_t stride, int col0,
-                              int n, float* __restrict__ dst) {
+struct RowCopy {
+  const T* src;
+  std::size_t stride;
+  int col0, n;
+  float* dst;
+};
+// Blocks [0, nrows) do copy a, blocks [nrows, 2 nrows) copy b (when given): a layer's two taps in one launch.
+template <class T>
+__global__ void k_rows_to_f32(RowCopy<T> a, RowCopy<T> b, const std::int32_t* __restrict__ rows, int nrows) {
   pdl_begin();
-  const T* s = src + static_cast<std::size_t>(rows[blockIdx.x]) * stride + col0;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) dst[static_cast<std::size_t>(blockIdx.x) * n + j] = to_f(s[j]);
+  const bool second = static_cast<int>(blockIdx.x) >= nrows;
+  const RowCopy<T>& c = second ? b : a;
+  const int i = static_cast<int>(blockIdx.x) - (second ? nrows : 0);
+  const T* s = c.src + static_cast<std::size_t>(rows[i]) * c.stride + c.col0;
+  for (int j = threadIdx.x; j < c.n; j += blockDim.x) c.dst[static_cast<std::size_t>(i) * c.n + j] = to_f(s[j]);
 }
 template <class T>
-void rows_to_f32(const T* src, const std::int32_t* rows, int nrows, std::size_t stride, int col0, int n, float* dst,
-                 cudaStream_t s = 0) {
+void rows_to_f32(const RowCopy<T>& a, const RowCopy<T>* b, const std::int32_t* rows, int nrows, cudaStream_t s = 0) {
   if (nrows == 0) return;
-  launch("rows_to_f32", k_rows_to_f32<T>, nrows, 128, 0, s, src, rows, stride, col0, n, dst);
+  launch("rows_to_f32", k_rows_to_f32<T>, (b != nullptr ? 2 : 1) * nrows, 128, 0, s, a, b != nullptr ? *b : a, rows, nrows);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -474,7 +483,10 @@ struct alignas(16) Vec {
   T v[n];
 };
 
-template <class T, int M, bool Vectorized>
+// Wait: pdl_wait, called after the lane's first weight loads are issued (weights are written by no kernel, x may be),
+// so they overlap the earlier kernel's tail. A lane with no chunk of the row does not wait here: the caller waits
+// after (again, for the others: it then returns at once).
+template <class T, int M, bool Vectorized, bool Wait = false>
 __device__ __forceinline__ void dot_rows(const T* __restrict__ w, const T* __restrict__ x, std::size_t x_stride, int K,
                                          float (&acc)[M]) {
   const int lane = threadIdx.x & 31;
@@ -482,17 +494,30 @@ __device__ __forceinline__ void dot_rows(const T* __restrict__ w, const T* __res
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
   if constexpr (Vectorized) {
     constexpr int V = Vec<T>::n;
+    // Wait: a lane's first U weight loads are all issued before the wait and their products (same sum order).
+    constexpr int U = Wait ? 8 : 1;
     const int chunks = K / V;
-    for (int c = lane; c < chunks; c += 32) {
-      const Vec<T> wv = reinterpret_cast<const Vec<T>*>(w)[c];
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+      Vec<T> wv[U];
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const Vec<T> xv = reinterpret_cast<const Vec<T>*>(x + m * x_stride)[c];
+      for (int u = 0; u < U; ++u)
+        if (c0 + 32 * u < chunks) wv[u] = reinterpret_cast<const Vec<T>*>(w)[c0 + 32 * u];
+      if constexpr (Wait)
+        if (c0 == lane) pdl_wait();
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[m] += to_f(wv.v[i]) * to_f(xv.v[i]);
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + 32 * u;
+        if (c >= chunks) break;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const Vec<T> xv = reinterpret_cast<const Vec<T>*>(x + m * x_stride)[c];
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[m] += to_f(wv[u].v[i]) * to_f(xv.v[i]);
+        }
       }
     }
   } else {
+    if constexpr (Wait) pdl_wait();
     for (int i = lane; i < K; i += 32) {
       const float wv = to_f(w[i]);
 #pragma unroll
@@ -580,19 +605,21 @@ template <class T, int M>
 __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __restrict__ X, const T* __restrict__ W, int E, int K,
                                                                   T* logits, int k, int norm, std::int32_t* __restrict__ ids,
                                                                   float* __restrict__ wts, unsigned* counter) {
-  pdl_begin();
   extern __shared__ float p[];  // [kRouterWarps][E]
   __shared__ int sel[kRouterWarps][64];
   __shared__ float selw[kRouterWarps][64];
   __shared__ bool last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kRouterWarps + warp;
-  if (n < E) {
+  if (n < E) {  // the router weights' first loads before pdl_wait (in dot_rows; lanes past the row's chunks wait below)
     float acc[M];
-    dot_rows<T, M, true>(W + static_cast<std::size_t>(n) * K, X, K, K, acc);
+    dot_rows<T, M, true, true>(W + static_cast<std::size_t>(n) * K, X, K, K, acc);
+    pdl_begin();
     if (lane == 0)
 #pragma unroll
       for (int m = 0; m < M; ++m) logits[static_cast<std::size_t>(m) * E + n] = from_f<T>(acc[m]);
+  } else {
+    pdl_begin();
   }
   __threadfence();  // this block's logits are visible device-wide before it counts itself done
   __syncthreads();
@@ -786,24 +813,35 @@ __global__ void k_lsm_final(const unsigned long long* __restrict__ pkey, const f
   }
 }
 
+// The per-slice scratch of log_softmax_topk (keys, maxima, sums, candidates). Its owner (a backend) keeps it, so
+// that backends on different streams never share one; reserve it before capturing a graph that uses it.
+struct LsmScratch {
+  DeviceBuffer<unsigned long long> pkey, cand;
+  DeviceBuffer<float> pmax;
+  DeviceBuffer<double> psum;
+  // Sizes it for rows x V and top-k; returns whether a buffer moved (graphs that point into it are stale).
+  bool reserve(int rows, long long V, int k) {
+    const std::size_t n = static_cast<std::size_t>(rows) * static_cast<std::size_t>((V + kLsmSliceLen - 1) / kLsmSliceLen);
+    bool moved = pkey.resize(n);
+    moved |= pmax.resize(n);
+    moved |= psum.resize(n);
+    moved |= cand.resize(n * static_cast<std::size_t>(k + kLsmExtra));
+    return moved;
+  }
+};
+
 template <class T>
 void log_softmax_topk(const T* logits, int rows, long long V, int k, std::int32_t* top_ids, float* top_lp,
-                      std::int32_t* argmax, cudaStream_t s = 0) {
+                      std::int32_t* argmax, LsmScratch& scratch, cudaStream_t s = 0) {
   if (rows == 0) return;
   if (k > 256) throw Error("--topk", "the CUDA backend supports at most 256");
-  static DeviceBuffer<float> pmax;
-  static DeviceBuffer<double> psum;
-  static DeviceBuffer<unsigned long long> pkey, cand;
+  scratch.reserve(rows, V, k);  // nothing to do when the owner reserved it
   const int S = static_cast<int>((V + kLsmSliceLen - 1) / kLsmSliceLen);
   const int K = k + kLsmExtra;
-  pkey.resize(static_cast<std::size_t>(rows) * S);
-  pmax.resize(static_cast<std::size_t>(rows) * S);
-  psum.resize(static_cast<std::size_t>(rows) * S);
-  cand.resize(static_cast<std::size_t>(rows) * S * K);
   launch("lsm_slice", k_lsm_slice<T>, dim3(rows, S), kLsmThreads, (kLsmThreads / 32) * K * sizeof(unsigned long long), s, logits,
-         V, K, pkey.get(), pmax.get(), psum.get(), cand.get());
-  launch("lsm_final", k_lsm_final<>, rows, 32, K * sizeof(unsigned long long) + S * sizeof(int), s, pkey.get(), pmax.get(),
-         psum.get(), cand.get(), S, K, k, top_ids, top_lp, argmax);
+         V, K, scratch.pkey.get(), scratch.pmax.get(), scratch.psum.get(), scratch.cand.get());
+  launch("lsm_final", k_lsm_final<>, rows, 32, K * sizeof(unsigned long long) + S * sizeof(int), s, scratch.pkey.get(),
+         scratch.pmax.get(), scratch.psum.get(), scratch.cand.get(), S, K, k, top_ids, top_lp, argmax);
 }
 
 }  // namespace fpf::cuda::ops
