@@ -24,49 +24,6 @@ using T = cuda::bf16;
 
 namespace {
 
-// Experiment (not used by the backend): the router with one block per expert row, its 8 warps splitting K (one
-// 16-byte weight load per lane at K 2048, issued before pdl_wait), then the last block routes as k_router_gemv.
-// Another order of the sums than ops::router_gemv (other bits); timed against it.
-__global__ void __launch_bounds__(256) k_router_split(const T* __restrict__ X, const T* __restrict__ W, int E, int K, T* logits,
-                                                      int k, int norm, std::int32_t* ids, float* wts, unsigned* counter) {
-  constexpr int V = 8;
-  __shared__ float part[8];
-  __shared__ float p[256];
-  __shared__ int sel[64];
-  __shared__ float selw[64];
-  __shared__ bool last;
-  const int n = blockIdx.x, chunks = K / V;
-  const cuda::ops::Vec<T>* wr = reinterpret_cast<const cuda::ops::Vec<T>*>(W + static_cast<std::size_t>(n) * K);
-  cuda::ops::Vec<T> wv[2];
-  const int c0 = threadIdx.x, c1 = threadIdx.x + blockDim.x;
-  if (c0 < chunks) wv[0] = wr[c0];
-  if (c1 < chunks) wv[1] = wr[c1];
-  cuda::pdl_begin();
-  float acc = 0.0f;
-  for (int u = 0; u < 2; ++u) {
-    const int c = u == 0 ? c0 : c1;
-    if (c >= chunks) break;
-    const cuda::ops::Vec<T> xv = reinterpret_cast<const cuda::ops::Vec<T>*>(X)[c];
-    for (int i = 0; i < V; ++i) acc = fmaf(cuda::to_f(wv[u].v[i]), cuda::to_f(xv.v[i]), acc);
-  }
-  acc = cuda::warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float t = 0.0f;
-    for (int w = 0; w < 8; ++w) t += part[w];
-    logits[n] = cuda::from_f<T>(t);
-    __threadfence();
-    last = atomicAdd(counter, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  if (threadIdx.x < 32)
-    cuda::ops::route_row([&](int e) { return cuda::to_f(__ldcg(logits + e)); }, E, k, norm, p, sel, selw, ids, wts);
-  if (threadIdx.x == 0) *counter = 0u;
-}
-
 // Mean microseconds per call of f(stream), GPU side: `iters` calls captured into one CUDA graph (as a decode step
 // is), replayed 5 times after one warm-up replay. Host launch overhead is not in it; each launch's start-up on the
 // GPU and the gap to the previous kernel are, as in a decode step.
@@ -329,11 +286,11 @@ int main(int argc, char** argv) {
         actb(static_cast<std::size_t>(k) * I), yeb(static_cast<std::size_t>(k) * H);
     int layer = 0;
     // Which kernels run (bit i: stage_names[i]): the layer is stages 0-8; 9 and 10 (the router's product and its
-    // top-k as two kernels) and 11 (k_router_split) are timed alone, against the fused router (6).
+    // top-k as two kernels) are timed alone, against the fused router (6).
     constexpr unsigned kLayerStages = (1u << 9) - 1;
     unsigned stages = kLayerStages;
     const char* const stage_names[] = {"rmsnorm", "qkv", "qk_norm_rope", "flash", "o", "add_rmsnorm", "router", "gate_up+swiglu",
-                                       "down+combine", "router gemv alone", "router top-k alone", "router K-split (experiment)"};
+                                       "down+combine", "router gemv alone", "router top-k alone"};
     bool fused = true;  // gate_up + SwiGLU and down + combine in one kernel each, as the backend
     auto one_layer = [&](cudaStream_t st) {
       const int l = layer++ % kLayers;
@@ -357,9 +314,6 @@ int main(int argc, char** argv) {
         cuda::ops::router_gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), k, true, rids.get(), rw.get(), counter.get(), st);
       if (on(9)) cuda::ops::gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), st);
       if (on(10)) cuda::ops::router<T>(rl.get(), 1, E, k, true, rids.get(), rw.get(), st);
-      if (on(11))
-        cuda::launch("router_split", k_router_split, E, 256, 0, st, hn.get(), router_w.get(), E, H, rl.get(), k, 1, rids.get(),
-                     rw.get(), counter.get());
       const std::int32_t* ids_l = lids.get() + static_cast<std::size_t>(l) * k;
       if (fused) {
         if (on(7)) wgu.moe_gemv_swiglu<T>(hn.get(), H, k, ids_l, k, actb.get(), I, st);
@@ -385,7 +339,7 @@ int main(int argc, char** argv) {
     // Each kernel alone, back to back over the kLayers weight sets (cold L2, PDL as above): where the layer's time goes.
     std::printf("  each alone (cold):");
     double sum = 0;
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < 11; ++i) {
       stages = 1u << i;
       const double t = time_us(one_layer, 4 * kLayers);
       if (i < 9) sum += t;

@@ -321,9 +321,15 @@ void test_swiglu(std::uint32_t seed) {
 }
 
 template <class T>
-void test_router(int E, int k, bool norm, std::uint32_t seed) {
+// ties: logits rounded to integers, so that many are equal (the lower id wins, as on the CPU).
+void test_router(int E, int k, bool norm, std::uint32_t seed, bool ties = false) {
+  CAPTURE(E);
+  CAPTURE(k);
+  CAPTURE(ties);
   const int rows = 9;
   std::vector<float> lg = randn(static_cast<std::size_t>(rows) * E, seed, 2.0f);
+  if (ties)
+    for (float& v : lg) v = std::round(v);
   const auto lgt = round_to<T>(lg);
   auto d = to_device(lgt);
   DeviceBuffer<std::int32_t> ids(static_cast<std::size_t>(rows) * k);
@@ -520,6 +526,10 @@ void all_ops(std::uint32_t seed) {
   test_swiglu<T>(seed + 50);
   test_router<T>(128, 8, true, seed + 60);
   test_router<T>(6, 3, false, seed + 61);
+  test_router<T>(128, 8, true, seed + 62, true);
+  test_router<T>(256, 8, true, seed + 63, true);   // the most experts the CUDA router takes
+  test_router<T>(200, 64, false, seed + 64, true);  // more picks than lanes
+  test_router<T>(45, 45, true, seed + 65);          // every expert picked
   test_router_gemv<T>(128, 8, 2048, seed + 66);
   test_router_gemv<T>(60, 4, 64, seed + 67);
   if constexpr (std::is_same_v<T, float>) {

@@ -345,7 +345,8 @@ class Impl {
       if (tapped.count(l + 1)) {
         float* sg = stage_.get() + static_cast<std::size_t>(li) * tap_block;
         const ops::RowCopy<T> hidden{x_.get(), static_cast<std::size_t>(H), 0, H, sg};
-        const ops::RowCopy<T> keys{qkv_.get(), static_cast<std::size_t>(qkv_dim), q_dim, kv_dim, sg + static_cast<std::size_t>(Nc) * H};
+        const ops::RowCopy<T> keys{qkv_.get(), static_cast<std::size_t>(qkv_dim), q_dim, kv_dim,
+                                   sg + static_cast<std::size_t>(Nc) * H};
         ops::rows_to_f32<T>(hidden, &keys, d_cap, Nc, st);
         ++li;
       }
