@@ -3,8 +3,9 @@
 // against --keys cached keys (eager, flash), the prefill attention of --keys rows, and the per-layer products of a
 // batch-1 decode step dense (bf16) and 4-bit (AWQ-like affine groups of 128, NF4 blocks of 64 rounded to bf16):
 // q/k/v, o, the MoE expert products of 8 slots, and the lm_head. Prints microseconds and the bytes each launch must
-// read per microsecond (GB/s of weights and KV).
-//   fpf-cuda-kernel-bench [--keys 6000] [--iters 200]
+// read per microsecond (GB/s of weights and KV); then whole 4-bit decode layers over 16 distinct weight sets (cold
+// L2) and each of their kernels alone. --layer-only 1 runs only that last part.
+//   fpf-cuda-kernel-bench [--keys 6000] [--iters 200] [--layer-only 0|1]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -144,8 +145,9 @@ int main(int argc, char** argv) {
   const double kv_bytes = 2.0 * keys * kv_dim * sizeof(T);
   const double de = layer_only ? 0 : time_us([&](cudaStream_t st) { attn::Cuda<attn::Eager>::run<T>(d, st); }, iters);
   const double df = layer_only ? 0 : time_us([&](cudaStream_t st) { attn::Cuda<attn::Flash<>>::run<T>(d, st); }, iters);
-  std::printf("decode attention, 1 row x %d keys: eager %.1f us, flash %.1f us (KV %.1f MB: %.0f / %.0f GB/s)\n", keys, de, df,
-              kv_bytes / 1e6, kv_bytes / de / 1e3, kv_bytes / df / 1e3);
+  if (!layer_only)
+    std::printf("decode attention, 1 row x %d keys: eager %.1f us, flash %.1f us (KV %.1f MB: %.0f / %.0f GB/s)\n", keys, de, df,
+                kv_bytes / 1e6, kv_bytes / de / 1e3, kv_bytes / df / 1e3);
   if (!layer_only) {
     cuda::Gemm g;
     cuda::DeviceBuffer<float> S;
@@ -196,7 +198,7 @@ int main(int argc, char** argv) {
   }
   auto lm = random_device<T>(static_cast<std::size_t>(V) * H, 6);
   const double tl = layer_only ? 0 : time_us([&](cudaStream_t st) { gemm.linear<T>(x.get(), 1, lm.get(), static_cast<int>(V), H, y.get(), st); }, iters / 4 + 1);
-  std::printf("lm_head bf16 N %lld K %d: %.1f us (%.0f GB/s)\n", V, H, tl, static_cast<double>(V) * H * 2 / tl / 1e3);
+  if (!layer_only) std::printf("lm_head bf16 N %lld K %d: %.1f us (%.0f GB/s)\n", V, H, tl, static_cast<double>(V) * H * 2 / tl / 1e3);
   // ---- the other kernels of a batch-1 decode step ----
   if (!layer_only) {
     cuda::DeviceBuffer<float> nw(static_cast<std::size_t>(H)), inv(static_cast<std::size_t>(D / 2));
@@ -333,7 +335,7 @@ int main(int argc, char** argv) {
                                                    k * (wgu.bytes_per_matrix() + wdn.bytes_per_matrix())) +
                                static_cast<double>(E) * H * sizeof(T) + kv_bytes;
     std::printf("affine-4bit decode layer (%d distinct layers, cold L2, PDL %s): %.1f us per layer (%.1f MB: %.0f GB/s), "
-                "%.1f us with swiglu and combine apart; x 48 + lm_head: %.2f ms per token\n",
+                "%.1f us with swiglu and combine apart; x 48 + lm_head (0 with --layer-only): %.2f ms per token\n",
                 kLayers, cuda::pdl_enabled() ? "on" : "off", t_layer, layer_bytes / 1e6, layer_bytes / t_layer / 1e3, t_apart,
                 (48 * t_layer + tl) / 1e3);
     // Each kernel alone, back to back over the kLayers weight sets (cold L2, PDL as above): where the layer's time goes.
@@ -348,7 +350,8 @@ int main(int argc, char** argv) {
     stages = kLayerStages;
     std::printf(" us; sum of the layer's %.1f us\n", sum);
   }
-  std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n", layer_dense,
-              layer_awq, layer_nf4, layer_dense * 48 / 1e3, layer_awq * 48 / 1e3, layer_nf4 * 48 / 1e3);
+  if (!layer_only)
+    std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n",
+                layer_dense, layer_awq, layer_nf4, layer_dense * 48 / 1e3, layer_awq * 48 / 1e3, layer_nf4 * 48 / 1e3);
   return 0;
 }

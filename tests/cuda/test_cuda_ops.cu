@@ -320,8 +320,8 @@ void test_swiglu(std::uint32_t seed) {
   CHECK(e <= tolerance<T>());
 }
 
-template <class T>
 // ties: logits rounded to integers, so that many are equal (the lower id wins, as on the CPU).
+template <class T>
 void test_router(int E, int k, bool norm, std::uint32_t seed, bool ties = false) {
   CAPTURE(E);
   CAPTURE(k);
@@ -527,8 +527,8 @@ void all_ops(std::uint32_t seed) {
   test_router<T>(128, 8, true, seed + 60);
   test_router<T>(6, 3, false, seed + 61);
   test_router<T>(128, 8, true, seed + 62, true);
-  test_router<T>(256, 8, true, seed + 63, true);   // the most experts the CUDA router takes
-  test_router<T>(200, 64, false, seed + 64, true);  // more picks than lanes
+  test_router<T>(256, 8, true, seed + 63, true);
+  test_router<T>(200, 64, false, seed + 64, true);  // the most picks the CUDA router takes
   test_router<T>(45, 45, true, seed + 65);          // every expert picked
   test_router_gemv<T>(128, 8, 2048, seed + 66);
   test_router_gemv<T>(60, 4, 64, seed + 67);
