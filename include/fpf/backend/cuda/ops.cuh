@@ -250,33 +250,41 @@ __device__ void route_row(Logit logit, int E, int k, int norm, float* p, int* se
   sum = warp_sum(sum);
   for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
   __syncwarp();
-  // k rounds of arg-max (ties to the lower id); a chosen expert's entry becomes -1, below every probability.
+  // k rounds of arg-max (ties to the lower id); a chosen expert's entry becomes -1, below every probability. As
+  // p >= 0, its bits order like the floats: each lane keeps key = bits(p) + 1 of its first best entry (0: chosen),
+  // the warp takes the largest key (__reduce_max_sync), then the lowest id that holds it (__reduce_min_sync), and
+  // only the winner's lane rescans its entries.
+  unsigned bk = 0u;
+  int bi = 0x7fffffff;
+  auto rescan = [&] {
+    bk = 0u, bi = 0x7fffffff;
+    for (int e = lane; e < E; e += 32) {
+      const float v = p[e];
+      const unsigned key = v >= 0.0f ? __float_as_uint(v) + 1u : 0u;
+      if (key > bk) bk = key, bi = e;
+    }
+  };
+  rescan();
   for (int s = 0; s < k; ++s) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int e = lane; e < E; e += 32)
-      if (p[e] > bv || (p[e] == bv && e < bi)) bv = p[e], bi = e;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+    const unsigned best = __reduce_max_sync(0xffffffffu, bk);
+    const int id = static_cast<int>(__reduce_min_sync(0xffffffffu, bk == best ? static_cast<unsigned>(bi) : 0xffffffffu));
+    if (lane == 0) sel[s] = id, selw[s] = __uint_as_float(best - 1u);
+    if ((id & 31) == lane) {
+      p[id] = -1.0f;
+      rescan();
     }
-    if (lane == 0) sel[s] = bi, selw[s] = bv, p[bi] = -1.0f;
-    __syncwarp();
   }
-  if (lane == 0) {
-    if (norm) {
-      float tot = 0.0f;
-      for (int s = 0; s < k; ++s) tot += selw[s];
-      for (int s = 0; s < k; ++s) selw[s] /= tot;
-    }
-    for (int s = 1; s < k; ++s)  // insertion sort by expert id
-      for (int t = s; t > 0 && sel[t] < sel[t - 1]; --t) {
-        const int i = sel[t]; sel[t] = sel[t - 1]; sel[t - 1] = i;
-        const float w = selw[t]; selw[t] = selw[t - 1]; selw[t - 1] = w;
-      }
-    for (int s = 0; s < k; ++s) ids[s] = sel[s], wts[s] = selw[s];
+  __syncwarp();
+  // Renormalised by the sum in selection order; pick s goes to its rank among the picked ids (all distinct).
+  float tot = 0.0f;
+  if (norm)
+    for (int s = 0; s < k; ++s) tot += selw[s];
+  for (int s = lane; s < k; s += 32) {
+    const int id = sel[s];
+    int pos = 0;
+    for (int t = 0; t < k; ++t) pos += sel[t] < id ? 1 : 0;
+    ids[pos] = id;
+    wts[pos] = norm ? selw[s] / tot : selw[s];
   }
 }
 
@@ -295,7 +303,7 @@ __global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, s
 template <class T>
 void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* ids, float* wts, cudaStream_t s = 0) {
   if (rows == 0) return;
-  if (k > 64) throw Error("config.json: num_experts_per_tok", "the CUDA router supports at most 64");
+  if (k > 64 || k > E) throw Error("config.json: num_experts_per_tok", "the CUDA router supports at most 64, and at most num_experts");
   launch("router", k_router<T>, rows, 32, E * sizeof(float), s, logits, E, k, norm ? 1 : 0, ids, wts);
 }
 
@@ -637,7 +645,7 @@ __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __re
 // Whether router_gemv applies (else gemv + router).
 template <class T>
 bool router_gemv_fits(const T* X, const T* W, int M, int E, int K, int k) {
-  return M >= 1 && M <= kGemvMaxRows && M <= kRouterWarps && k <= 64 && vectorizable<T>(X, W, K) &&
+  return M >= 1 && M <= kGemvMaxRows && M <= kRouterWarps && k <= 64 && k <= E && vectorizable<T>(X, W, K) &&
          static_cast<std::size_t>(kRouterWarps) * E * sizeof(float) <= 32 * 1024;
 }
 // counter: one unsigned on the device, 0 before the first launch.
