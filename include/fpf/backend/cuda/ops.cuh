@@ -303,7 +303,8 @@ __global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, s
 template <class T>
 void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* ids, float* wts, cudaStream_t s = 0) {
   if (rows == 0) return;
-  if (k > 64 || k > E) throw Error("config.json: num_experts_per_tok", "the CUDA router supports at most 64, and at most num_experts");
+  if (k > 64 || k > E)
+    throw Error("config.json: num_experts_per_tok", "the CUDA router supports at most 64, and at most num_experts");
   launch("router", k_router<T>, rows, 32, E * sizeof(float), s, logits, E, k, norm ? 1 : 0, ids, wts);
 }
 
