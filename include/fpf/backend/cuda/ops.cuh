@@ -215,6 +215,9 @@ void add(T* x, const T* y, std::size_t n, cudaStream_t s = 0) {
 // ---------------------------------------------------------------------------------------------------------------
 // SwiGLU activation: a[r, i] = silu(gu[r, i]) * gu[r, I + i] (gate rows first, as gate_up_proj)
 // ---------------------------------------------------------------------------------------------------------------
+// silu(g) * u in fp32 (g and u already rounded to T): shared with the fused 4-bit gate_up (q::k_qgemv32), so that
+// both give the same bits.
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 template <class T>
 __global__ void k_swiglu(const T* __restrict__ gu, T* __restrict__ a, std::size_t rows, int I) {
   pdl_begin();
@@ -222,7 +225,7 @@ __global__ void k_swiglu(const T* __restrict__ gu, T* __restrict__ a, std::size_
   for (std::size_t idx = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; idx < n; idx += std::size_t{gridDim.x} * blockDim.x) {
     const std::size_t r = idx / I, i = idx % I;
     const float g = to_f(gu[r * 2 * I + i]), u = to_f(gu[r * 2 * I + I + i]);
-    a[idx] = from_f<T>(g / (1.0f + expf(-g)) * u);
+    a[idx] = from_f<T>(swiglu_value(g, u));
   }
 }
 template <class T>
@@ -236,6 +239,7 @@ void swiglu(const T* gu, T* a, std::size_t rows, int I, cudaStream_t s = 0) {
 // taken in selection order, as the CPU reference), output sorted by expert id ascending (the order the outputs
 // are summed in). One warp per row; smem E floats.
 // ---------------------------------------------------------------------------------------------------------------
+inline constexpr int kRouteMaxK = 64;  // the most experts per token the CUDA router picks
 // One row's routing by one warp: logit(e) gives expert e's logit as float; p (E), sel and selw (k): this warp's
 // shared memory.
 template <class Logit>
@@ -294,8 +298,8 @@ __global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, s
                          float* __restrict__ wts) {
   pdl_begin();
   extern __shared__ float p[];
-  __shared__ int sel[64];
-  __shared__ float selw[64];
+  __shared__ int sel[kRouteMaxK];
+  __shared__ float selw[kRouteMaxK];
   const int r = blockIdx.x;
   const T* x = logits + static_cast<std::size_t>(r) * E;
   route_row([&](int e) { return to_f(x[e]); }, E, k, norm, p, sel, selw, ids + r * k, wts + r * k);
@@ -303,9 +307,16 @@ __global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, s
 template <class T>
 void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* ids, float* wts, cudaStream_t s = 0) {
   if (rows == 0) return;
-  if (k > 64 || k > E)
-    throw Error("config.json: num_experts_per_tok", "the CUDA router supports at most 64, and at most num_experts");
+  if (k > kRouteMaxK || k > E)
+    throw Error("config.json: num_experts_per_tok",
+                "the CUDA router supports at most " + std::to_string(kRouteMaxK) + ", and at most num_experts");
   launch("router", k_router<T>, rows, 32, E * sizeof(float), s, logits, E, k, norm ? 1 : 0, ids, wts);
+}
+
+// The combine's residual add: x + T(y), rounded to T (shared with the fused 4-bit down, q::k_qgemv32).
+template <class T>
+__device__ __forceinline__ T combine_into(T x, float y) {
+  return from_f<T>(to_f(x) + to_f(from_f<T>(y)));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +335,7 @@ __global__ void k_moe_combine(T* __restrict__ x, const T* __restrict__ ye, const
       y = fmaf(to_f(ye[row * H + j]), wts[r * k + s], y);  // as q::Weight::moe_gemv_combine
     }
     T* xr = x + static_cast<std::size_t>(r) * H;
-    xr[j] = from_f<T>(to_f(xr[j]) + to_f(from_f<T>(y)));
+    xr[j] = combine_into(xr[j], y);
   }
 }
 template <class T>
@@ -615,8 +626,8 @@ __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __re
                                                                   T* logits, int k, int norm, std::int32_t* __restrict__ ids,
                                                                   float* __restrict__ wts, unsigned* counter) {
   extern __shared__ float p[];  // [kRouterWarps][E]
-  __shared__ int sel[kRouterWarps][64];
-  __shared__ float selw[kRouterWarps][64];
+  __shared__ int sel[kRouterWarps][kRouteMaxK];
+  __shared__ float selw[kRouterWarps][kRouteMaxK];
   __shared__ bool last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kRouterWarps + warp;
@@ -646,7 +657,7 @@ __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __re
 // Whether router_gemv applies (else gemv + router).
 template <class T>
 bool router_gemv_fits(const T* X, const T* W, int M, int E, int K, int k) {
-  return M >= 1 && M <= kGemvMaxRows && M <= kRouterWarps && k <= 64 && k <= E && vectorizable<T>(X, W, K) &&
+  return M >= 1 && M <= kGemvMaxRows && M <= kRouterWarps && k <= kRouteMaxK && k <= E && vectorizable<T>(X, W, K) &&
          static_cast<std::size_t>(kRouterWarps) * E * sizeof(float) <= 32 * 1024;
 }
 // counter: one unsigned on the device, 0 before the first launch.

@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kCombineMaxSlots : 128
     __syncthreads();
     if (sub != 0 || (g & 1) || !valid) return;
     const float gt = to_f(from_f<T>(acc[0])), ut = to_f(from_f<T>(sums[gb + 1]));
-    y[n] = from_f<T>(gt / (1.0f + expf(-gt)) * ut);
+    y[n] = from_f<T>(ops::swiglu_value(gt, ut));
   } else if constexpr (Mode == kCombine) {
     const int k = blockDim.x >> 5, rl = lane / LPR;
     if (sub == 0) part[warp][rl] = to_f(from_f<T>(acc[0]));  // the slot's output, rounded to T as ye
@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kCombineMaxSlots : 128
     if (nr >= rows) return;
     float sum = 0.0f;
     for (int sl = 0; sl < k; ++sl) sum = fmaf(part[sl][threadIdx.x], wts[blockIdx.y * k + sl], sum);
-    y[nr] = from_f<T>(to_f(y[nr]) + to_f(from_f<T>(sum)));
+    y[nr] = ops::combine_into(y[nr], sum);
   } else {
     if (sub != 0 || !valid) return;
 #pragma unroll
