@@ -237,72 +237,78 @@ void swiglu(const T* gu, T* a, std::size_t rows, int I, cudaStream_t s = 0) {
 // ---------------------------------------------------------------------------------------------------------------
 // Router: softmax over E experts in fp32, top-k (ties to the lower expert id), optional renormalisation (the sum
 // taken in selection order, as the CPU reference), output sorted by expert id ascending (the order the outputs
-// are summed in). One warp per row; smem E floats.
+// are summed in). One block per row; smem E floats.
 // ---------------------------------------------------------------------------------------------------------------
-inline constexpr int kRouteMaxK = 64;  // the most experts per token the CUDA router picks
-// One row's routing by one warp: logit(e) gives expert e's logit as float; p (E), sel and selw (k): this warp's
-// shared memory.
+inline constexpr int kRouteMaxK = 64;       // the most experts per token the CUDA router picks
+inline constexpr int kRouterThreads = 128;  // k_router's block
+// Shared memory of route_row: p (E floats, the caller's), the picks and a reduction scratch.
+struct RouteSmem {
+  int sel[kRouteMaxK];
+  float selw[kRouteMaxK];
+  float red[32];
+};
+// One row's routing by the whole block (every thread calls it; blockDim.x a multiple of 32). logit(e): expert e's
+// logit as float.
+//   1. p = softmax: the max over the block (exact in any order), exp(logit - max) per expert, the sum by warp 0 in
+//      one fixed order (lane l adds experts l, l + 32, ... in ascending order, then warp_sum's butterfly), p / sum.
+//   2. The picks by rank: expert e's rank is the number of experts j with p_j > p_e, or p_j = p_e and j < e (NaN
+//      ranks below every number); rank r < k is pick r. So pick r is what the r-th round of an arg-max with ties
+//      to the lower id would take, in parallel.
+//   3. Renormalised by the picks' sum in pick order; pick r goes to its rank among the picked ids.
+// Ends with __syncthreads (the caller may reuse p and sm).
 template <class Logit>
-__device__ void route_row(Logit logit, int E, int k, int norm, float* p, int* sel, float* selw, std::int32_t* __restrict__ ids,
+__device__ void route_row(Logit logit, int E, int k, int norm, float* p, RouteSmem& sm, std::int32_t* __restrict__ ids,
                           float* __restrict__ wts) {
-  const int lane = threadIdx.x & 31;
+  const int tid = threadIdx.x, nt = blockDim.x;
   float m = -INFINITY;
-  for (int e = lane; e < E; e += 32) m = fmaxf(m, p[e] = logit(e));  // each logit read once
-  m = warp_max(m);
-  float sum = 0.0f;
-  for (int e = lane; e < E; e += 32) sum += (p[e] = expf(p[e] - m));
-  sum = warp_sum(sum);
-  for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
-  __syncwarp();
-  // k rounds of arg-max (ties to the lower id); a chosen expert's entry becomes -1, below every probability. As
-  // p >= 0, its bits order like the floats: each lane keeps key = bits(p) + 1 of its first best entry (0: chosen),
-  // the warp takes the largest key (__reduce_max_sync), then the lowest id that holds it (__reduce_min_sync), and
-  // only the winner's lane rescans its entries.
-  unsigned bk = 0u;
-  int bi = 0x7fffffff;
-  auto rescan = [&] {
-    bk = 0u, bi = 0x7fffffff;
-    for (int e = lane; e < E; e += 32) {
-      const float v = p[e];
-      const unsigned key = v >= 0.0f ? __float_as_uint(v) + 1u : 0u;
-      if (key > bk) bk = key, bi = e;
-    }
-  };
-  rescan();
-  for (int s = 0; s < k; ++s) {
-    const unsigned best = __reduce_max_sync(0xffffffffu, bk);
-    const int id = static_cast<int>(__reduce_min_sync(0xffffffffu, bk == best ? static_cast<unsigned>(bi) : 0xffffffffu));
-    if (lane == 0) sel[s] = id, selw[s] = __uint_as_float(best - 1u);
-    if ((id & 31) == lane) {
-      p[id] = -1.0f;
-      rescan();
-    }
+  for (int e = tid; e < E; e += nt) m = fmaxf(m, p[e] = logit(e));  // each logit read once
+  m = block_max(m, sm.red);
+  for (int e = tid; e < E; e += nt) p[e] = expf(p[e] - m);
+  __syncthreads();
+  if (tid < 32) {
+    float sum = 0.0f;
+    for (int e = tid; e < E; e += 32) sum += p[e];
+    sum = warp_sum(sum);
+    if (tid == 0) sm.red[0] = sum;
   }
-  __syncwarp();
-  // Renormalised by the sum in selection order; pick s goes to its rank among the picked ids (all distinct).
+  __syncthreads();
+  const float sum = sm.red[0];
+  for (int e = tid; e < E; e += nt) p[e] = p[e] / sum;
+  __syncthreads();
+  for (int e = tid; e < E; e += nt) {
+    const float v = p[e], key = v >= 0.0f ? v : -1.0f;  // p >= 0; NaN below every number
+    int r = 0;
+#pragma unroll 8
+    for (int j = 0; j < E; ++j) {
+      const float u = p[j], uk = u >= 0.0f ? u : -1.0f;
+      r += (uk > key || (uk == key && j < e)) ? 1 : 0;
+    }
+    if (r < k) sm.sel[r] = e, sm.selw[r] = v;
+  }
+  __syncthreads();
   float tot = 0.0f;
   if (norm)
-    for (int s = 0; s < k; ++s) tot += selw[s];
-  for (int s = lane; s < k; s += 32) {
-    const int id = sel[s];
+    for (int s = 0; s < k; ++s) tot += sm.selw[s];
+  for (int s = tid; s < k; s += nt) {
+    const int id = sm.sel[s];
     int pos = 0;
-    for (int t = 0; t < k; ++t) pos += sel[t] < id ? 1 : 0;
+    for (int t = 0; t < k; ++t) pos += sm.sel[t] < id ? 1 : 0;
     ids[pos] = id;
-    wts[pos] = norm ? selw[s] / tot : selw[s];
+    wts[pos] = norm ? sm.selw[s] / tot : sm.selw[s];
   }
+  __syncthreads();
 }
 
-// One warp per row (a block each); smem E floats.
+// One block per row; smem E floats.
 template <class T>
-__global__ void k_router(const T* __restrict__ logits, int E, int k, int norm, std::int32_t* __restrict__ ids,
-                         float* __restrict__ wts) {
+__global__ void __launch_bounds__(kRouterThreads) k_router(const T* __restrict__ logits, int E, int k, int norm,
+                                                          std::int32_t* __restrict__ ids, float* __restrict__ wts) {
   pdl_begin();
   extern __shared__ float p[];
-  __shared__ int sel[kRouteMaxK];
-  __shared__ float selw[kRouteMaxK];
+  __shared__ RouteSmem sm;
   const int r = blockIdx.x;
   const T* x = logits + static_cast<std::size_t>(r) * E;
-  route_row([&](int e) { return to_f(x[e]); }, E, k, norm, p, sel, selw, ids + r * k, wts + r * k);
+  route_row([&](int e) { return to_f(x[e]); }, E, k, norm, p, sm, ids + r * k, wts + r * k);
 }
 template <class T>
 void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* ids, float* wts, cudaStream_t s = 0) {
@@ -310,7 +316,7 @@ void router(const T* logits, int rows, int E, int k, bool norm, std::int32_t* id
   if (k > kRouteMaxK || k > E)
     throw Error("config.json: num_experts_per_tok",
                 "the CUDA router supports at most " + std::to_string(kRouteMaxK) + ", and at most num_experts");
-  launch("router", k_router<T>, rows, 32, E * sizeof(float), s, logits, E, k, norm ? 1 : 0, ids, wts);
+  launch("router", k_router<T>, rows, kRouterThreads, E * sizeof(float), s, logits, E, k, norm ? 1 : 0, ids, wts);
 }
 
 // The combine's residual add: x + T(y), rounded to T (shared with the fused 4-bit down, q::k_qgemv32).
@@ -625,9 +631,8 @@ template <class T, int M>
 __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __restrict__ X, const T* __restrict__ W, int E, int K,
                                                                   T* logits, int k, int norm, std::int32_t* __restrict__ ids,
                                                                   float* __restrict__ wts, unsigned* counter) {
-  extern __shared__ float p[];  // [kRouterWarps][E]
-  __shared__ int sel[kRouterWarps][kRouteMaxK];
-  __shared__ float selw[kRouterWarps][kRouteMaxK];
+  extern __shared__ float p[];  // [E]
+  __shared__ RouteSmem sm;
   __shared__ bool last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kRouterWarps + warp;
@@ -647,25 +652,23 @@ __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __re
   __syncthreads();
   if (!last) return;
   __threadfence();
-  if (warp < M) {
-    const T* x = logits + static_cast<std::size_t>(warp) * E;
-    route_row([&](int e) { return to_f(__ldcg(x + e)); }, E, k, norm, p + warp * E, sel[warp], selw[warp], ids + warp * k,
-              wts + warp * k);
+  for (int m = 0; m < M; ++m) {
+    const T* x = logits + static_cast<std::size_t>(m) * E;
+    route_row([&](int e) { return to_f(__ldcg(x + e)); }, E, k, norm, p, sm, ids + m * k, wts + m * k);
   }
   if (threadIdx.x == 0) *counter = 0u;
 }
 // Whether router_gemv applies (else gemv + router).
 template <class T>
 bool router_gemv_fits(const T* X, const T* W, int M, int E, int K, int k) {
-  return M >= 1 && M <= kGemvMaxRows && M <= kRouterWarps && k <= kRouteMaxK && k <= E && vectorizable<T>(X, W, K) &&
-         static_cast<std::size_t>(kRouterWarps) * E * sizeof(float) <= 32 * 1024;
+  return M >= 1 && M <= kGemvMaxRows && k <= kRouteMaxK && k <= E && vectorizable<T>(X, W, K) && E * sizeof(float) <= 32 * 1024;
 }
 // counter: one unsigned on the device, 0 before the first launch.
 template <class T>
 void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, bool norm, std::int32_t* ids, float* wts,
                  unsigned* counter, cudaStream_t s = 0) {
   const unsigned blocks = blocks_for(static_cast<std::size_t>(E), kRouterWarps);
-  const std::size_t smem = static_cast<std::size_t>(kRouterWarps) * E * sizeof(float);
+  const std::size_t smem = static_cast<std::size_t>(E) * sizeof(float);
   const int nm = norm ? 1 : 0;
   auto go = [&](auto* kern) {
     launch("router_gemv", kern, blocks, 32 * kRouterWarps, smem, s, X, W, E, K, logits, k, nm, ids, wts, counter);

@@ -353,6 +353,174 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kCombineMaxSlots : 128
   }
 }
 
+// ---- The tensor-core decode GEMV (Affine codes, T bf16 or fp16) ----------------------------------------------------
+// Where K and G are multiples of 128, k_qmma replaces k_qgemv32 for bf16/fp16 activations: it needs about a third of
+// the instructions per code, and the 4-bit products stop being bound by the instruction issue.
+//   - A warp owns a tile of 16 weight rows (kSwiglu: gate rows n..n+7 as tile rows 0..7, their up rows as 8..15) and
+//     reads it in chunks of 128 codes (one group: G is a multiple of 128). Lane (gid = lane / 4, t = lane % 4) loads
+//     16 bytes (32 codes) of rows gid and gid + 8 per chunk: codes 32 t .. 32 t + 31 of the chunk.
+//   - (q - z) in T is exact (|q - z| < 128): the codes' bits OR'd into the exponent of 2^7 (bf16) or 2^10 (fp16)
+//     give 2^7 + q, minus 2^7 + z. The 8 codes of a word pair up as (0, 4), (1, 5), (2, 6), (3, 7); the activations
+//     are staged in shared memory in that order, so each word feeds two mma.m16n8k16 (A: the 16 rows, B: 8 columns
+//     of activations, column j = activation row j; one row in MoE modes).
+//   - Per chunk t = the 8 products' sum (exact products, the tensor core's fp32 sum), then acc += s t with s the
+//     row's fp32 scale. KS warps split a tile's chunks (chunk c to warp c % KS); their sums are added in warp order.
+//     KS is fixed by K alone (mma_split), so every mode gives the same bits as kPlain for a shape.
+// Modes as k_qgemv32 (kCombine: a block holds slots x KS warps of one 16-row tile of one token).
+inline constexpr int kMmaChunk = 128;     // codes per chunk and lane quad
+inline constexpr int kMmaDepth = 4;       // chunks whose loads a warp has in flight
+inline constexpr int kMmaMaxWarps = 16;   // per block
+inline int mma_split(int K) {  // chunks per row 32+: 8 warps (the real o), 16+: 4 (q/k/v, gate_up), 8+: 2, else 1 (down)
+  const int C = K / kMmaChunk;
+  return C >= 32 ? 8 : C >= 16 ? 4 : C >= 8 ? 2 : 1;
+}
+
+// (q - z) for the codes of w at bits sh..sh+3 (low half) and sh+16..sh+19 (high half), as two T; zz: 2^b + z twice.
+template <class T>
+__device__ __forceinline__ std::uint32_t code_pair(std::uint32_t w, int sh, std::uint32_t zz) {
+  constexpr std::uint32_t kBias = std::is_same_v<T, bf16> ? 0x43004300u : 0x64006400u;
+  const std::uint32_t v = ((w >> sh) & 0x000F000Fu) | kBias;
+  std::uint32_t r;
+  if constexpr (std::is_same_v<T, bf16>) {
+    __nv_bfloat162 a, b;
+    std::memcpy(&a, &v, 4), std::memcpy(&b, &zz, 4);
+    const __nv_bfloat162 d = __hsub2(a, b);
+    std::memcpy(&r, &d, 4);
+  } else {
+    __half2 a, b;
+    std::memcpy(&a, &v, 4), std::memcpy(&b, &zz, 4);
+    const __half2 d = __hsub2(a, b);
+    std::memcpy(&r, &d, 4);
+  }
+  return r;
+}
+
+template <class T, int Mode>
+__global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
+    k_qmma(Args a, int KS, const T* __restrict__ X, int M, long long x_stride, int x_div, const std::int32_t* __restrict__ ids,
+           T* __restrict__ Y, long long ldy, int rows, int pair, const float* __restrict__ wts) {
+  extern __shared__ uint4 xs[];  // [nx][ldx]: activation rows, 16 bytes = 8 activations in pair order
+  __shared__ float red[kMmaMaxWarps][32][4];
+  __shared__ float part[kMmaMaxWarps][16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, t = lane & 3;
+  const int ks = warp % KS;
+  // Tile, matrix and staged activation rows of this warp.
+  const int tile = Mode == kCombine ? blockIdx.x : blockIdx.x * (blockDim.x >> 5) / KS + warp / KS;
+  const int sl = warp / KS;  // kCombine: slot of the token
+  const int nx = Mode == kCombine ? pair : ids != nullptr ? 1 : M;
+  if (ids != nullptr) pdl_wait();
+  const int e = ids == nullptr ? 0 : ids[Mode == kCombine ? blockIdx.y * pair + sl : blockIdx.y];
+  int r0, r1;
+  bool v0, v1;
+  if constexpr (Mode == kSwiglu) {
+    r0 = tile * 8 + gid, r1 = r0 + pair, v0 = v1 = r0 < rows;
+  } else {
+    r0 = tile * 16 + gid, r1 = r0 + 8, v0 = r0 < rows, v1 = r1 < rows;
+  }
+  const int C = a.K / kMmaChunk, W = a.K / 8;
+  const int nc = (C - ks + KS - 1) / KS;  // this warp's chunks: ks, ks + KS, ...
+  const uint4* w0 = reinterpret_cast<const uint4*>(a.words + (static_cast<long long>(e) * a.N + (v0 ? r0 : 0)) * W) + t;
+  const uint4* w1 = reinterpret_cast<const uint4*>(a.words + (static_cast<long long>(e) * a.N + (v1 ? r1 : 0)) * W) + t;
+  const float* s0p = a.scales + e * a.spm + static_cast<long long>(v0 ? r0 : 0) * a.ng;
+  const float* s1p = a.scales + e * a.spm + static_cast<long long>(v1 ? r1 : 0) * a.ng;
+  const std::uint8_t* z0p = a.zeros + e * a.spm + static_cast<long long>(v0 ? r0 : 0) * a.ng;
+  const std::uint8_t* z1p = a.zeros + e * a.spm + static_cast<long long>(v1 ? r1 : 0) * a.ng;
+  const int gpc = a.G / kMmaChunk;  // chunks per group
+  uint4 q0[kMmaDepth], q1[kMmaDepth];
+  float s0[kMmaDepth], s1[kMmaDepth];
+  std::uint32_t z0[kMmaDepth], z1[kMmaDepth];
+  auto load = [&](int j, int i) {
+    const int c = ks + KS * i, gi = c / gpc;
+    q0[j] = q1[j] = make_uint4(0u, 0u, 0u, 0u);
+    s0[j] = s1[j] = 0.0f;
+    z0[j] = z1[j] = 0u;
+    if (i >= nc) return;
+    if (v0) q0[j] = __ldg(w0 + 4 * c), s0[j] = __ldg(s0p + gi), z0[j] = __ldg(z0p + gi);
+    if (v1) q1[j] = __ldg(w1 + 4 * c), s1[j] = __ldg(s1p + gi), z1[j] = __ldg(z1p + gi);
+  };
+#pragma unroll
+  for (int j = 0; j < kMmaDepth; ++j) load(j, j);
+  pdl_begin();
+  // Stage the activation rows: word w (activations 8 w .. 8 w + 7, chunk w / 16, lane quad slot (w / 4) % 4, word
+  // w % 4 of that slot's 16 bytes) in pair order (0, 4), (1, 5), (2, 6), (3, 7).
+  const int ldx = W + 4;  // 16-byte units; + 4 puts consecutive rows 64 bytes apart in the banks
+  for (int i = threadIdx.x; i < nx * W; i += blockDim.x) {
+    const int r = i / W, w = i % W;
+    const T* xr = Mode == kCombine ? X + static_cast<long long>(blockIdx.y * pair + r) * x_stride
+                  : ids != nullptr ? X + static_cast<long long>(blockIdx.y / x_div) * x_stride
+                                   : X + static_cast<long long>(r) * x_stride;
+    const uint4 v = *reinterpret_cast<const uint4*>(xr + 8 * w);
+    xs[r * ldx + (w & ~15) + (w & 3) * 4 + ((w >> 2) & 3)] =
+        make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                   __byte_perm(v.y, v.w, 0x7632));
+  }
+  __syncthreads();
+  const int xr = Mode == kCombine ? sl : gid < nx ? gid : 0;  // the B column's activation row
+  const uint4* xb = xs + xr * ldx + t;
+  constexpr std::uint32_t kBiasLo = std::is_same_v<T, bf16> ? 0x4300u : 0x6400u;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int i0 = 0; i0 < nc; i0 += kMmaDepth) {
+#pragma unroll
+    for (int j = 0; j < kMmaDepth; ++j) {
+      const int i = i0 + j;
+      if (i >= nc) break;
+      const int c = ks + KS * i;
+      const std::uint32_t zz0 = (kBiasLo | z0[j]) * 0x00010001u, zz1 = (kBiasLo | z1[j]) * 0x00010001u;
+      const std::uint32_t ws0[4] = {q0[j].x, q0[j].y, q0[j].z, q0[j].w}, ws1[4] = {q1[j].x, q1[j].y, q1[j].z, q1[j].w};
+      float d[2][4] = {};  // two chains of mma (words 0, 1 and 2, 3), so that fewer wait on the one before
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const uint4 xv = xb[16 * c + 4 * u];
+        const std::uint32_t lo[4] = {code_pair<T>(ws0[u], 0, zz0), code_pair<T>(ws1[u], 0, zz1), code_pair<T>(ws0[u], 4, zz0),
+                                     code_pair<T>(ws1[u], 4, zz1)};
+        mma16816<T>(d[u >> 1], lo, xv.x, xv.y);
+        const std::uint32_t hi[4] = {code_pair<T>(ws0[u], 8, zz0), code_pair<T>(ws1[u], 8, zz1), code_pair<T>(ws0[u], 12, zz0),
+                                     code_pair<T>(ws1[u], 12, zz1)};
+        mma16816<T>(d[u >> 1], hi, xv.z, xv.w);
+      }
+      acc[0] = fmaf(s0[j], d[0][0] + d[1][0], acc[0]), acc[1] = fmaf(s0[j], d[0][1] + d[1][1], acc[1]);
+      acc[2] = fmaf(s1[j], d[0][2] + d[1][2], acc[2]), acc[3] = fmaf(s1[j], d[0][3] + d[1][3], acc[3]);
+      load(j, i + kMmaDepth);
+    }
+  }
+  // The KS warps of a tile, added in warp order into the first.
+  if (KS > 1) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) red[warp][lane][v] = acc[v];
+    __syncthreads();
+    for (int k = 1; ks == 0 && k < KS; ++k)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[v] += red[warp + k][lane][v];
+  }
+  const bool first = ks == 0;
+  if constexpr (Mode == kCombine) {
+    // acc[0], acc[2] of lanes t == 0: the slot's outputs of rows gid, gid + 8, rounded to T as ye.
+    if (first && t == 0) part[sl][gid] = to_f(from_f<T>(acc[0])), part[sl][gid + 8] = to_f(from_f<T>(acc[2]));
+    __syncthreads();
+    if (threadIdx.x >= 16) return;
+    const int nr = tile * 16 + threadIdx.x;
+    if (nr >= rows) return;
+    float sum = 0.0f;
+    for (int s = 0; s < pair; ++s) sum = fmaf(part[s][threadIdx.x], wts[blockIdx.y * pair + s], sum);
+    T* y = Y + static_cast<long long>(blockIdx.y) * ldy;
+    y[nr] = ops::combine_into(y[nr], sum);
+  } else if constexpr (Mode == kSwiglu) {
+    if (!first || t != 0 || !v0) return;
+    const float gt = to_f(from_f<T>(acc[0])), ut = to_f(from_f<T>(acc[2]));
+    Y[static_cast<long long>(blockIdx.y) * ldy + r0] = from_f<T>(ops::swiglu_value(gt, ut));
+  } else {
+    if (!first) return;
+    T* y = ids != nullptr ? Y + static_cast<long long>(blockIdx.y) * ldy : Y;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = 2 * t + h;  // the C fragment's columns 2 t, 2 t + 1
+      if (m >= (ids != nullptr ? 1 : M)) break;
+      if (v0) y[m * ldy + r0] = from_f<T>(acc[h]);
+      if (v1) y[m * ldy + r1] = from_f<T>(acc[2 + h]);
+    }
+  }
+}
+
 // W_e as T [N, K] row-major in the module's own input order (row stride ldw), for cuBLASLt.
 template <class T, int Code, int Round>
 __global__ void k_qdequant(Args a, int e, T* __restrict__ out, long long ldw) {
@@ -437,7 +605,6 @@ class Weight {
 
   int N() const { return N_; }
   int K() const { return K_; }
-
   // Y[m, 0..N) (row stride ldy) = X[m] W^T for M <= ops::kGemvMaxRows rows (stride x_stride).
   template <class T>
   void gemv(const T* X, int M, long long x_stride, T* Y, long long ldy, cudaStream_t s = 0) const {
@@ -457,6 +624,7 @@ class Weight {
                        cudaStream_t s = 0) const {
     if (!chunked(X, x_stride) || N_ % 2 != 0) return false;
     if (slots == 0) return true;
+    if (mma(X, x_stride, 1)) return run_mma<T, kSwiglu>(X, 1, x_stride, x_div, ids, slots, Y, ldy, N_ / 2, N_ / 2, nullptr, s), true;
     by_code([&](auto code, auto round) {
       constexpr int Code = decltype(code)::value, Round = decltype(round)::value;
       run32<T, Code, Round, 1, kSwiglu>(X, 1, x_stride, x_div, ids, slots, Y, ldy, N_ / 2, N_ / 2, nullptr, s);
@@ -470,6 +638,11 @@ class Weight {
   bool moe_gemv_combine(const T* X, long long x_stride, const std::int32_t* ids, const float* wts, int tokens, int k, T* Xres,
                         long long ldres, cudaStream_t s = 0) const {
     if (!chunked(X, x_stride) || k < 1 || k > kCombineMaxSlots) return false;
+    if (mma(X, x_stride, k)) {  // a block: k slots x mma_split warps
+      if (k * mma_split(K_) > kMmaMaxWarps) return false;
+      if (tokens > 0) run_mma<T, kCombine>(X, 1, x_stride, 1, ids, tokens * k, Xres, ldres, N_, k, wts, s);
+      return true;
+    }
     if (tokens == 0) return true;
     by_code([&](auto code, auto round) {
       constexpr int Code = decltype(code)::value, Round = decltype(round)::value;
@@ -519,6 +692,39 @@ class Weight {
     return wide(X, x_stride) && K_ % 32 == 0 && G_ % 32 == 0;
   }
 
+  // k_qmma applies: Affine codes, T bf16 or fp16, chunked, K and G multiples of 128, and nx activation rows fit in
+  // shared memory.
+  template <class T>
+  bool mma(const T* X, long long x_stride, int nx) const {
+    return !std::is_same_v<T, float> && code_ == 0 && chunked(X, x_stride) && K_ % kMmaChunk == 0 && G_ % kMmaChunk == 0 &&
+           mma_smem(nx) <= kMmaMaxSmem;
+  }
+  static constexpr std::size_t kMmaMaxSmem = 96 * 1024;
+  std::size_t mma_smem(int nx) const { return static_cast<std::size_t>(nx) * (K_ / 8 + 4) * 16; }
+
+  // pair: kSwiglu the up rows' offset; kCombine the slots per token (slots = tokens k).
+  template <class T, int Mode>
+  void run_mma(const T* X, int M, long long xs, int xd, const std::int32_t* ids, int slots, T* Y, long long ldy, int rows,
+               int pair, const float* wts, cudaStream_t s) const {
+    if constexpr (!std::is_same_v<T, float>) {
+      const int KS = mma_split(K_);
+      const std::size_t smem = mma_smem(Mode == kCombine ? pair : ids != nullptr ? 1 : M);
+      auto* k = k_qmma<T, Mode>;
+      constexpr std::size_t kStatic = sizeof(float) * kMmaMaxWarps * (32 * 4 + 16);  // red and part
+      if (smem + kStatic > 48 * 1024)  // past the default limit (static + dynamic): opt in
+        FPF_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      if constexpr (Mode == kCombine) {  // a block: one 16-row tile of every slot of one token
+        const dim3 grid(blocks_for(static_cast<std::size_t>(rows), 16), static_cast<unsigned>(slots / pair));
+        cuda::launch("qmma", k, grid, 32 * pair * KS, smem, s, args(), KS, X, M, xs, xd, ids, Y, ldy, rows, pair, wts);
+      } else {  // a block: max(4, KS) warps, tiles of KS warps
+        const std::size_t tiles = (static_cast<std::size_t>(rows) + (Mode == kSwiglu ? 7 : 15)) / (Mode == kSwiglu ? 8 : 16);
+        const int warps = std::max(4, KS);
+        const dim3 grid(blocks_for(tiles, static_cast<unsigned>(warps / KS)), static_cast<unsigned>(slots));
+        cuda::launch("qmma", k, grid, 32 * warps, smem, s, args(), KS, X, M, xs, xd, ids, Y, ldy, rows, pair, wts);
+      }
+    }
+  }
+
   // Rows of at least 128 chunks take 32 lanes (4 chunks per batch), shorter rows of at least 48 chunks 32 lanes (2
   // chunks), others 8 lanes (4 chunks): at least 2 chunks per lane where the row is long enough. The lanes per row
   // fix the order of the sums, so every mode takes the same choice for a shape.
@@ -550,6 +756,7 @@ class Weight {
               cudaStream_t s) const {
     if (M == 0) return;
     if (M > ops::kGemvMaxRows) throw Error("q::Weight::gemv", "at most " + std::to_string(ops::kGemvMaxRows) + " rows");
+    if (mma(X, x_stride, ids != nullptr ? 1 : M)) return run_mma<T, kPlain>(X, M, x_stride, x_div, ids, slots, Y, ldy, N_, 0, nullptr, s);
     if (chunked(X, x_stride)) {
       const int mm = M == 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
       auto rows = [&](auto code, auto round) {
