@@ -240,7 +240,6 @@ __host__ __device__ constexpr std::size_t flash_decode_tc_smem(int D, int C, int
 
 template <class T, int D, int C, int NT>
 __global__ void __launch_bounds__(2 * C) k_flash_decode_tc(CudaArgs<T> a) {
-  cuda::pdl_begin();
   static_assert(D % 32 == 0 && C % 32 == 0 && NT >= 1);
   constexpr int NW = C / 16, kS = D + 8, PS = C + 8, H = 8 * NT, MT = D / 16, VPR = D / 8;
   constexpr int MPW = (MT + NW - 1) / NW;
@@ -260,17 +259,17 @@ __global__ void __launch_bounds__(2 * C) k_flash_decode_tc(CudaArgs<T> a) {
   const std::size_t kv_stride = static_cast<std::size_t>(a.num_kv_heads) * D;
   const T* K = a.kcache[seq] + kvh * D + static_cast<std::size_t>(j0) * kv_stride;
   const T* V = a.vcache[seq] + kvh * D + static_cast<std::size_t>(j0) * kv_stride;
-  if (j0 >= n) return;  // past the row's keys (the cache's capacity sizes the grid): k_flash_merge skips it
-  const int nb = min(C, n - j0), ntiles = (nb + 15) / 16;
-  std::uint32_t qv[QPT];
-  {
-    const T* q = a.q + static_cast<std::size_t>(r) * a.q_stride + static_cast<std::size_t>(kvh) * G * D;
-#pragma unroll
-    for (int k = 0; k < QPT; ++k) {
-      const int i = threadIdx.x + k * 2 * C, hh = i / (D / 2), c = i % (D / 2);
-      qv[k] = i < H * (D / 2) && hh < G ? *reinterpret_cast<const std::uint32_t*>(q + hh * D + 2 * c) : 0u;
-    }
+  // PDL: the cached keys and values of earlier steps are fixed, so a chunk without this step's key (which the
+  // q/k norm + RoPE kernel just before stores) issues its K/V loads before pdl_wait, overlapping that kernel; the
+  // chunk holding it, and q, wait. (row_pos, row_seq and the cache tables are written before the step's first
+  // kernel.) Every block waits before it lets the next kernel start.
+  const bool fresh = j0 <= n - 1 && n - 1 < j0 + C;
+  if (j0 >= n) {  // past the row's keys (the cache's capacity sizes the grid): k_flash_merge skips it
+    cuda::pdl_begin();
+    return;
   }
+  if (fresh) cuda::pdl_wait();
+  const int nb = min(C, n - j0), ntiles = (nb + 15) / 16;
   for (int i = threadIdx.x; i < C * VPR; i += blockDim.x) {
     const int row = i / VPR, c = i % VPR;
     const bool ok = row < nb;
@@ -283,6 +282,16 @@ __global__ void __launch_bounds__(2 * C) k_flash_decode_tc(CudaArgs<T> a) {
     tc_cp_async16(Vs + row * kS + 8 * c, V + (ok ? row : 0) * kv_stride + 8 * c, ok);
   }
   cp_async_commit();
+  cuda::pdl_begin();
+  std::uint32_t qv[QPT];
+  {
+    const T* q = a.q + static_cast<std::size_t>(r) * a.q_stride + static_cast<std::size_t>(kvh) * G * D;
+#pragma unroll
+    for (int k = 0; k < QPT; ++k) {
+      const int i = threadIdx.x + k * 2 * C, hh = i / (D / 2), c = i % (D / 2);
+      qv[k] = i < H * (D / 2) && hh < G ? *reinterpret_cast<const std::uint32_t*>(q + hh * D + 2 * c) : 0u;
+    }
+  }
 #pragma unroll
   for (int k = 0; k < QPT; ++k) {
     const int i = threadIdx.x + k * 2 * C, hh = i / (D / 2), c = i % (D / 2);

@@ -408,8 +408,11 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
   const int tile = Mode == kCombine ? blockIdx.x : blockIdx.x * (blockDim.x >> 5) / KS + warp / KS;
   const int sl = warp / KS;  // kCombine: slot of the token
   const int nx = Mode == kCombine ? pair : ids != nullptr ? 1 : M;
-  if (ids != nullptr) pdl_wait();
-  const int e = ids == nullptr ? 0 : ids[Mode == kCombine ? blockIdx.y * pair + sl : blockIdx.y];
+  // MoE: the matrix is ids[p], written by the router. kCombine (down) reads it before pdl_wait: the router runs two
+  // kernels earlier, and the kernel between (gate_up) waits for it in every block before it lets this one start
+  // (L2 load: no stale L1 line). So down's first weight loads overlap gate_up's tail. kPlain, kSwiglu: wait first.
+  if (ids != nullptr && Mode != kCombine) pdl_wait();
+  const int e = ids == nullptr ? 0 : Mode == kCombine ? __ldcg(ids + blockIdx.y * pair + sl) : ids[blockIdx.y];
   int r0, r1;
   bool v0, v1;
   if constexpr (Mode == kSwiglu) {
@@ -633,7 +636,9 @@ class Weight {
   }
   // MoE decode down with the combine: for token r < tokens (slots r k .. r k + k - 1, activation row p of X for
   // slot p), Xres[r] += T(sum_s T(W_{ids[p]} X[p]) wts[p]) in slot order: the bits of moe_gemv then
-  // ops::moe_combine. Returns false, launching nothing, where kCombine does not apply.
+  // ops::moe_combine. Returns false, launching nothing, where kCombine does not apply. The ids must come from a
+  // kernel at least two launches earlier in the stream (k_qmma reads them before its pdl_wait; every fpf kernel
+  // waits in each block before it lets the next start).
   template <class T>
   bool moe_gemv_combine(const T* X, long long x_stride, const std::int32_t* ids, const float* wts, int tokens, int k, T* Xres,
                         long long ldres, cudaStream_t s = 0) const {
