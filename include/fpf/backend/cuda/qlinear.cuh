@@ -8,7 +8,10 @@
 //      to the quant state's dtype (bitsandbytes' own output dtype);
 //   2. decode GEMV, fp32 throughout: Affine factors each 8-code word's scale out of its products,
 //      t = sum_i (q_i - z) x_i (q - z exact), acc += s t; Nf4 multiplies each weight of step 1 by its activation;
-//      each lane sums its words in ascending k, then a butterfly over the 32 lanes; the output is rounded once to T;
+//      each lane sums its words in ascending k, then a butterfly over the 32 lanes; the output is rounded once to T.
+//      Except Affine codes with bf16/fp16 activations where K and G are multiples of 128 (the real AWQ/GPTQ
+//      checkpoints): k_qmma, q - z exact in T, the tensor core's sum of 16 exact products at a time, t per
+//      128-code chunk, acc += s t in fp32 (details at k_qmma);
 //   3. prefill: the fp32 weight rounded once to T (exact when T is fp32, or when the NF4 state dtype is T) and
 //      written as a T matrix for cuBLASLt (tensor cores need T operands), fp32 accumulation there.
 // So in bf16/fp16 the decode products use the exact dequantized weights and the prefill products their rounding
@@ -19,7 +22,8 @@
 // (affine products 26.7 us per layer on the H100, was 35.2); its modes also fuse the MoE decode's SwiGLU into gate_up
 // and the combine into down (same bits as the separate ops). Else k_qgemv: one warp per output row, 8 codes per
 // lane and load; activations 8 per 16-byte load when aligned and not permuted, else one by one (GPTQ act-order).
-// Both are launched with programmatic dependent launch (cuda::launch).
+// k_qmma (tensor cores) takes the Affine bf16/fp16 shapes whose K and G are multiples of 128. All are launched with
+// programmatic dependent launch (cuda::launch).
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -368,7 +372,7 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kCombineMaxSlots : 128
 //     KS is fixed by K alone (mma_split), so every mode gives the same bits as kPlain for a shape.
 // Modes as k_qgemv32 (kCombine: a block holds slots x KS warps of one 16-row tile of one token).
 inline constexpr int kMmaChunk = 128;     // codes per chunk and lane quad
-inline constexpr int kMmaDepth = 4;       // chunks whose loads a warp has in flight
+inline constexpr int kMmaDepth = 4;       // chunks whose loads a warp has in flight (k_qmma kSwiglu: 2)
 inline constexpr int kMmaMaxWarps = 16;   // per block
 inline int mma_split(int K) {  // chunks per row 32+: 8 warps (the real o), 16+: 4 (q/k/v, gate_up), 8+: 2, else 1 (down)
   const int C = K / kMmaChunk;
@@ -421,6 +425,9 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
     r0 = tile * 16 + gid, r1 = r0 + 8, v0 = r0 < rows, v1 = r1 < rows;
   }
   const int C = a.K / kMmaChunk, W = a.K / 8;
+  // Chunks in flight: 2 for gate_up+SwiGLU (fewer registers, so all of the real shape's blocks fit at once: 9.8 us
+  // alone against 11.1 with 4), 4 elsewhere (q/k/v, o and down are slower with 2). Only when loads are issued.
+  constexpr int Depth = Mode == kSwiglu ? 2 : kMmaDepth;
   const int nc = (C - ks + KS - 1) / KS;  // this warp's chunks: ks, ks + KS, ...
   const uint4* w0 = reinterpret_cast<const uint4*>(a.words + (static_cast<long long>(e) * a.N + (v0 ? r0 : 0)) * W) + t;
   const uint4* w1 = reinterpret_cast<const uint4*>(a.words + (static_cast<long long>(e) * a.N + (v1 ? r1 : 0)) * W) + t;
@@ -429,9 +436,9 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
   const std::uint8_t* z0p = a.zeros + e * a.spm + static_cast<long long>(v0 ? r0 : 0) * a.ng;
   const std::uint8_t* z1p = a.zeros + e * a.spm + static_cast<long long>(v1 ? r1 : 0) * a.ng;
   const int gpc = a.G / kMmaChunk;  // chunks per group
-  uint4 q0[kMmaDepth], q1[kMmaDepth];
-  float s0[kMmaDepth], s1[kMmaDepth];
-  std::uint32_t z0[kMmaDepth], z1[kMmaDepth];
+  uint4 q0[Depth], q1[Depth];
+  float s0[Depth], s1[Depth];
+  std::uint32_t z0[Depth], z1[Depth];
   auto load = [&](int j, int i) {
     const int c = ks + KS * i, gi = c / gpc;
     q0[j] = q1[j] = make_uint4(0u, 0u, 0u, 0u);
@@ -442,7 +449,7 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
     if (v1) q1[j] = __ldg(w1 + 4 * c), s1[j] = __ldg(s1p + gi), z1[j] = __ldg(z1p + gi);
   };
 #pragma unroll
-  for (int j = 0; j < kMmaDepth; ++j) load(j, j);
+  for (int j = 0; j < Depth; ++j) load(j, j);
   pdl_begin();
   // Stage the activation rows: word w (activations 8 w .. 8 w + 7, chunk w / 16, lane quad slot (w / 4) % 4, word
   // w % 4 of that slot's 16 bytes) in pair order (0, 4), (1, 5), (2, 6), (3, 7).
@@ -462,9 +469,9 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
   const uint4* xb = xs + xr * ldx + t;
   constexpr std::uint32_t kBiasLo = std::is_same_v<T, bf16> ? 0x4300u : 0x6400u;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int i0 = 0; i0 < nc; i0 += kMmaDepth) {
+  for (int i0 = 0; i0 < nc; i0 += Depth) {
 #pragma unroll
-    for (int j = 0; j < kMmaDepth; ++j) {
+    for (int j = 0; j < Depth; ++j) {
       const int i = i0 + j;
       if (i >= nc) break;
       const int c = ks + KS * i;
@@ -483,7 +490,7 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
       }
       acc[0] = fmaf(s0[j], d[0][0] + d[1][0], acc[0]), acc[1] = fmaf(s0[j], d[0][1] + d[1][1], acc[1]);
       acc[2] = fmaf(s1[j], d[0][2] + d[1][2], acc[2]), acc[3] = fmaf(s1[j], d[0][3] + d[1][3], acc[3]);
-      load(j, i + kMmaDepth);
+      load(j, i + Depth);
     }
   }
   // The KS warps of a tile, added in warp order into the first.
