@@ -363,8 +363,8 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kCombineMaxSlots : 128
 //   - A warp owns a tile of 16 weight rows (kSwiglu: gate rows n..n+7 as tile rows 0..7, their up rows as 8..15) and
 //     reads it in chunks of 128 codes (one group: G is a multiple of 128). Lane (gid = lane / 4, t = lane % 4) loads
 //     16 bytes (32 codes) of rows gid and gid + 8 per chunk: codes 32 t .. 32 t + 31 of the chunk.
-//   - (q - z) in T is exact (|q - z| < 128): the codes' bits OR'd into the exponent of 2^7 (bf16) or 2^10 (fp16)
-//     give 2^7 + q, minus 2^7 + z. The 8 codes of a word pair up as (0, 4), (1, 5), (2, 6), (3, 7); the activations
+//   - (q - z) in T is exact (z < 128; the packings hold z <= 16): the code's 4 bits OR'd into the mantissa of 2^7
+//     (bf16) or 2^10 (fp16) give 2^b + q, minus 2^b + z. The 8 codes of a word pair up as (0, 4), (1, 5), (2, 6), (3, 7); the activations
 //     are staged in shared memory in that order, so each word feeds two mma.m16n8k16 (A: the 16 rows, B: 8 columns
 //     of activations, column j = activation row j; one row in MoE modes).
 //   - Per chunk t = the 8 products' sum (exact products, the tensor core's fp32 sum), then acc += s t with s the
@@ -615,6 +615,7 @@ class Weight {
 
   int N() const { return N_; }
   int K() const { return K_; }
+
   // Y[m, 0..N) (row stride ldy) = X[m] W^T for M <= ops::kGemvMaxRows rows (stride x_stride).
   template <class T>
   void gemv(const T* X, int M, long long x_stride, T* Y, long long ldy, cudaStream_t s = 0) const {
