@@ -399,13 +399,20 @@ __device__ __forceinline__ std::uint32_t code_pair(std::uint32_t w, int sh, std:
   return r;
 }
 
+// k_qmma's static shared memory: the split warps' sums, and kCombine's slot outputs.
+struct MmaShared {
+  float red[kMmaMaxWarps][32][4];
+  float part[kMmaMaxWarps][16];
+};
+
 template <class T, int Mode>
 __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
     k_qmma(Args a, int KS, const T* __restrict__ X, int M, long long x_stride, int x_div, const std::int32_t* __restrict__ ids,
            T* __restrict__ Y, long long ldy, int rows, int pair, const float* __restrict__ wts) {
   extern __shared__ uint4 xs[];  // [nx][ldx]: activation rows, 16 bytes = 8 activations in pair order
-  __shared__ float red[kMmaMaxWarps][32][4];
-  __shared__ float part[kMmaMaxWarps][16];
+  __shared__ MmaShared sh;
+  auto& red = sh.red;
+  auto& part = sh.part;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, t = lane & 3;
   const int ks = warp % KS;
   // Tile, matrix and staged activation rows of this warp.
@@ -723,8 +730,7 @@ class Weight {
       const int KS = mma_split(K_);
       const std::size_t smem = mma_smem(Mode == kCombine ? pair : ids != nullptr ? 1 : M);
       auto* k = k_qmma<T, Mode>;
-      constexpr std::size_t kStatic = sizeof(float) * kMmaMaxWarps * (32 * 4 + 16);  // red and part
-      if (smem + kStatic > 48 * 1024)  // past the default limit (static + dynamic): opt in
+      if (smem + sizeof(MmaShared) > 48 * 1024)  // past the default limit (static + dynamic): opt in
         FPF_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       if constexpr (Mode == kCombine) {  // a block: one 16-row tile of every slot of one token
         const dim3 grid(blocks_for(static_cast<std::size_t>(rows), 16), static_cast<unsigned>(slots / pair));
