@@ -4,8 +4,9 @@
 // batch-1 decode step dense (bf16) and 4-bit (AWQ-like affine groups of 128, NF4 blocks of 64 rounded to bf16):
 // q/k/v, o, the MoE expert products of 8 slots, and the lm_head. Prints microseconds and the bytes each launch must
 // read per microsecond (GB/s of weights and KV); then whole 4-bit decode layers over 16 distinct weight sets (cold
-// L2) and each of their kernels alone. --layer-only 1 runs only that last part.
-//   fpf-cuda-kernel-bench [--keys 6000] [--iters 200] [--layer-only 0|1]
+// L2), each of their kernels alone, each one's share of the chain, and a trace of the gaps between the launches.
+// --layer-only 1 runs only that last part; --router-cluster 0 takes the router's fallback kernel on the H100.
+//   fpf-cuda-kernel-bench [--keys 6000] [--iters 200] [--layer-only 0|1] [--router-cluster 0|1]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#define FPF_PDL_TRACE  // --trace: cuda::pdl_wait records when each launch leaves it
 #include <fpf/attention/cuda.cuh>
 #include <fpf/backend/cuda/gemm.cuh>
 #include <fpf/backend/cuda/ops.cuh>
@@ -25,6 +27,27 @@ using T = cuda::bf16;
 
 namespace {
 
+// A side stream that f may fork work onto (fork_side); time_us and trace_gaps join it back before the capture ends.
+cudaStream_t g_side{};
+cudaEvent_t g_fork{}, g_join{};
+bool g_side_used = false;
+void fork_side(cudaStream_t st) {
+  if (g_side == nullptr) {
+    FPF_CUDA(cudaStreamCreateWithFlags(&g_side, cudaStreamNonBlocking));
+    FPF_CUDA(cudaEventCreateWithFlags(&g_fork, cudaEventDisableTiming));
+    FPF_CUDA(cudaEventCreateWithFlags(&g_join, cudaEventDisableTiming));
+  }
+  FPF_CUDA(cudaEventRecord(g_fork, st));
+  FPF_CUDA(cudaStreamWaitEvent(g_side, g_fork));
+  g_side_used = true;
+}
+void join_side(cudaStream_t st) {
+  if (!g_side_used) return;
+  FPF_CUDA(cudaEventRecord(g_join, g_side));
+  FPF_CUDA(cudaStreamWaitEvent(st, g_join));
+  g_side_used = false;
+}
+
 // Mean microseconds per call of f(stream), GPU side: `iters` calls captured into one CUDA graph (as a decode step
 // is), replayed 5 times after one warm-up replay. Host launch overhead is not in it; each launch's start-up on the
 // GPU and the gap to the previous kernel are, as in a decode step.
@@ -33,11 +56,13 @@ double time_us(F&& f, int iters) {
   cudaStream_t st{};
   FPF_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   for (int i = 0; i < 2; ++i) f(st);  // plans, attributes, lazy module loading: outside the capture
+  join_side(st);
   FPF_CUDA(cudaStreamSynchronize(st));
   cudaGraph_t g{};
   cudaGraphExec_t ge{};
   FPF_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
   for (int i = 0; i < iters; ++i) f(st);
+  join_side(st);
   FPF_CUDA(cudaStreamEndCapture(st, &g));
   FPF_CUDA(cudaGraphInstantiate(&ge, g, 0));
   FPF_CUDA(cudaGraphLaunch(ge, st));
@@ -56,6 +81,70 @@ double time_us(F&& f, int iters) {
   cudaGraphDestroy(g);
   cudaStreamDestroy(st);
   return 1e3 * ms / 5 / iters;
+}
+
+// --trace 1: one graph replay of `iters` calls of f with cuda::pdl_wait's trace on (after two replays without); prints
+// each launch's shape and the mean gap from the time its block 0 leaves pdl_wait to the next launch's, per position
+// in the period of f (launches with the same shape in a row, a kernel's second wait, count once).
+template <class F>
+void trace_gaps(F&& f, int iters) {
+  cudaStream_t st{};
+  FPF_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  for (int i = 0; i < 2; ++i) f(st);
+  join_side(st);
+  FPF_CUDA(cudaStreamSynchronize(st));
+  cudaGraph_t g{};
+  cudaGraphExec_t ge{};
+  FPF_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
+  for (int i = 0; i < iters; ++i) f(st);
+  join_side(st);
+  FPF_CUDA(cudaStreamEndCapture(st, &g));
+  FPF_CUDA(cudaGraphInstantiate(&ge, g, 0));
+  for (int i = 0; i < 2; ++i) FPF_CUDA(cudaGraphLaunch(ge, st));
+  FPF_CUDA(cudaStreamSynchronize(st));
+  const unsigned cap = 1u << 16, zero = 0;
+  cuda::DeviceBuffer<cuda::PdlTraceRec> rec(cap);
+  cuda::PdlTraceRec* p = rec.get();
+  FPF_CUDA(cudaMemcpyToSymbol(cuda::g_pdl_trace_n, &zero, sizeof zero));
+  FPF_CUDA(cudaMemcpyToSymbol(cuda::g_pdl_trace_cap, &cap, sizeof cap));
+  FPF_CUDA(cudaMemcpyToSymbol(cuda::g_pdl_trace, &p, sizeof p));
+  FPF_CUDA(cudaGraphLaunch(ge, st));
+  FPF_CUDA(cudaStreamSynchronize(st));
+  cuda::PdlTraceRec* null = nullptr;
+  FPF_CUDA(cudaMemcpyToSymbol(cuda::g_pdl_trace, &null, sizeof null));
+  unsigned n = 0;
+  FPF_CUDA(cudaMemcpyFromSymbol(&n, cuda::g_pdl_trace_n, sizeof n));
+  n = std::min(n, cap);
+  std::vector<cuda::PdlTraceRec> r(n);
+  FPF_CUDA(cudaMemcpy(r.data(), p, n * sizeof(cuda::PdlTraceRec), cudaMemcpyDeviceToHost));
+  std::sort(r.begin(), r.end(), [](const auto& a, const auto& b) { return a.t < b.t; });
+  auto same = [](const cuda::PdlTraceRec& a, const cuda::PdlTraceRec& b) {
+    return a.gx == b.gx && a.gy == b.gy && a.gz == b.gz && a.bx == b.bx;
+  };
+  std::vector<cuda::PdlTraceRec> u;
+  for (const auto& x : r)
+    if (u.empty() || !same(u.back(), x)) u.push_back(x);
+  const int per = static_cast<int>(u.size()) / iters;
+  if (per < 1 || static_cast<int>(u.size()) != per * iters) {
+    std::printf("  trace: %zu launches over %d calls: no fixed period\n", u.size(), iters);
+  } else {
+    std::printf("  trace (%d launches per call; gap from its wait to the next launch's, us):", per);
+    for (int j = 0; j < per; ++j) {
+      double sum = 0, early = 0;  // early: how long before its release block 0 reached the wait
+      int cnt = 0;
+      for (int i = 2; i < iters; ++i) {  // the first calls ramp up
+        const std::size_t a = static_cast<std::size_t>(i) * per + j;
+        if (a + 1 < u.size())
+          sum += static_cast<double>(u[a + 1].t - u[a].t) / 1e3, early += (static_cast<double>(u[a].t) - u[a].arrive) / 1e3, ++cnt;
+      }
+      const auto& x = u[static_cast<std::size_t>(j)];
+      std::printf(" [%ux%ux%u/%u] %.2f (waited %.2f)", x.gx, x.gy, x.gz, x.bx, cnt ? sum / cnt : 0.0, cnt ? early / cnt : 0.0);
+    }
+    std::printf("\n");
+  }
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(st);
 }
 
 template <class V>
@@ -90,13 +179,23 @@ quant::Packed4 packed(quant::Packed4::Code code, int N, int K, std::uint32_t see
 int main(int argc, char** argv) {
   int keys = 6000, iters = 200;
   bool layer_only = false;  // --layer-only 1: only the whole-layer section
+  int flash_chunk = 0;      // --flash-chunk 32|64|128: the decode split's keys per block in the layer (0: the policy's)
+  int prefetch = 1;         // --prefetch 0: without the backend's L2 prefetch of the next layer's KV and weights
+  int pf_kv = 4, pf_w = 7;  // --pf-kv S, --pf-w S: after which stage (0..7) they are prefetched (the backend's: 4, 7)
+  bool quick = false;       // --quick 1: the whole layer's time only
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--keys") keys = std::atoi(argv[i + 1]);
     else if (k == "--iters") iters = std::atoi(argv[i + 1]);
     else if (k == "--layer-only") layer_only = std::atoi(argv[i + 1]) != 0;
+    else if (k == "--flash-chunk") flash_chunk = std::atoi(argv[i + 1]);
+    else if (k == "--prefetch") prefetch = std::atoi(argv[i + 1]);
+    else if (k == "--pf-kv") pf_kv = std::atoi(argv[i + 1]);
+    else if (k == "--pf-w") pf_w = std::atoi(argv[i + 1]);
+    else if (k == "--quick") quick = std::atoi(argv[i + 1]) != 0;
+    else if (k == "--router-cluster") cuda::ops::router_cluster_enabled() &= std::atoi(argv[i + 1]) != 0;
     else {
-      std::fprintf(stderr, "usage: fpf-cuda-kernel-bench [--keys N] [--iters N] [--layer-only 0|1]\n");
+      std::fprintf(stderr, "usage: fpf-cuda-kernel-bench [--keys N] [--iters N] [--layer-only 0|1] [--router-cluster 0|1] [--flash-chunk 32|64|128] [--prefetch 0|1] [--pf-kv S] [--pf-w S] [--quick 1]\n");
       return 2;
     }
   }
@@ -123,7 +222,7 @@ int main(int argc, char** argv) {
   cuda::DeviceBuffer<T*> kt(1), vt(1);
   kt.upload(&kp, 1);
   vt.upload(&vp, 1);
-  cuda::DeviceBuffer<float> scratch(attn::split_scratch_floats(1, nh, D, keys));
+  cuda::DeviceBuffer<float> scratch(2 * attn::split_scratch_floats(1, nh, D, keys));  // x 2: --flash-chunk 32
   attn::CudaArgs<T> a;
   a.q = q.get();
   a.q_stride = q_dim;
@@ -292,33 +391,56 @@ int main(int argc, char** argv) {
     constexpr unsigned kLayerStages = (1u << 9) - 1;
     unsigned stages = kLayerStages;
     const char* const stage_names[] = {"rmsnorm", "qkv", "qk_norm_rope", "flash", "o", "add_rmsnorm", "router", "gate_up+swiglu",
-                                       "down+combine", "router gemv alone", "router top-k alone"};
+                                       "down+combine", "router gemv alone", "router top-k alone", "taps"};
+    cuda::DeviceBuffer<float> tap_stage(static_cast<std::size_t>(H + kv_dim));
     bool fused = true;  // gate_up + SwiGLU and down + combine in one kernel each, as the backend
     auto one_layer = [&](cudaStream_t st) {
       const int l = layer++ % kLayers;
       const float eps = 1e-6f;
       auto on = [&](int stage) { return (stages >> stage) & 1u; };
-      if (on(0)) cuda::ops::rmsnorm<T>(xr.get(), nullptr, nw.get(), hn.get(), 1, H, eps, st);
+      // --prefetch: on a side stream, the next layer's KV after stage pf_kv, its q/k/v and o weights after pf_w.
+      auto prefetch_after = [&](int stage) {
+        if (prefetch == 0 || !on(stage) || (stage != pf_kv && stage != pf_w)) return;
+        const int ln = (l + 1) % kLayers;
+        cuda::ops::PrefetchList pl;
+        if (stage == pf_w) wq[ln].device_ranges(pl), wo[ln].device_ranges(pl);
+        const bool kv = stage == pf_kv;
+        fork_side(st);
+        cuda::ops::prefetch_l2<T>(pl, kv ? ktab.get() + ln : nullptr, vtab.get() + ln, dseq.get(), dlast.get(), 1, kv_dim, g_side);
+      };
+      const bool taps = on(11);  // a tapped layer's fp32 copies of the hidden state and the keys, as the backend
+      if (on(0)) cuda::ops::rmsnorm<T>(xr.get(), nullptr, nw.get(), hn.get(), 1, H, eps, st, {taps ? tap_stage.get() : nullptr});
+      prefetch_after(0);
       if (on(1)) wq[l].gemv<T>(hn.get(), 1, H, qkvb.get(), q_dim + 2 * kv_dim, st);
+      prefetch_after(1);
       if (on(2))
         cuda::ops::qk_norm_rope<T>(qkvb.get(), dseq.get(), dlast.get(), 1, nw.get(), nw.get(), inv.get(), ktab.get() + l,
-                                   vtab.get() + l, nh, nkv, D, eps, st);
+                                   vtab.get() + l, nh, nkv, D, eps, st, {taps ? tap_stage.get() + H : nullptr});
       attn::CudaArgs<T> al = d;
       al.q = qkvb.get();
       al.q_stride = q_dim + 2 * kv_dim;
       al.kcache = ktab.get() + l;
       al.vcache = vtab.get() + l;
       al.out = att.get();
-      if (on(3)) attn::Cuda<attn::Flash<>>::run<T>(al, st);
+      if (on(3)) {
+        if (flash_chunk == 32) attn::detail::launch_flash_decode<T, 16, 32>(al, st);
+        else if (flash_chunk == 128) attn::detail::launch_flash_decode<T, 16, 128>(al, st);
+        else attn::Cuda<attn::Flash<>>::run<T>(al, st);
+      }
+      prefetch_after(3);
       if (on(4)) wo[l].gemv<T>(att.get(), 1, q_dim, ob.get(), H, st);
+      prefetch_after(4);
       if (on(5)) cuda::ops::add_rmsnorm<T>(xr.get(), ob.get(), nw.get(), hn.get(), 1, H, eps, st);
+      prefetch_after(5);
       if (on(6))
         cuda::ops::router_gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), k, true, rids.get(), rw.get(), counter.get(), st);
+      prefetch_after(6);
       if (on(9)) cuda::ops::gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), st);
       if (on(10)) cuda::ops::router<T>(rl.get(), 1, E, k, true, rids.get(), rw.get(), st);
       const std::int32_t* ids_l = lids.get() + static_cast<std::size_t>(l) * k;
       if (fused) {
         if (on(7)) wgu.moe_gemv_swiglu<T>(hn.get(), H, k, ids_l, k, actb.get(), I, st);
+        prefetch_after(7);
         if (on(8)) wdn.moe_gemv_combine<T>(actb.get(), I, ids_l, rw.get(), 1, k, xr.get(), H, st);
       } else {
         wgu.moe_gemv<T>(hn.get(), H, k, ids_l, k, gub.get(), 2 * I, st);
@@ -338,6 +460,7 @@ int main(int argc, char** argv) {
                 "%.1f us with swiglu and combine apart; x 48 + lm_head (0 with --layer-only): %.2f ms per token\n",
                 kLayers, cuda::pdl_enabled() ? "on" : "off", t_layer, layer_bytes / 1e6, layer_bytes / t_layer / 1e3, t_apart,
                 (48 * t_layer + tl) / 1e3);
+    if (quick) return 0;
     // Each kernel alone, back to back over the kLayers weight sets (cold L2, PDL as above): where the layer's time goes.
     std::printf("  each alone (cold):");
     double sum = 0;
@@ -347,8 +470,18 @@ int main(int argc, char** argv) {
       if (i < 9) sum += t;
       std::printf(" %s %.1f", stage_names[i], t);
     }
-    stages = kLayerStages;
     std::printf(" us; sum of the layer's %.1f us\n", sum);
+    // Each kernel's cost inside the chain: the layer minus the layer without it (what fusing it away could save at
+    // most), and the layer with a tapped layer's copy added.
+    std::printf("  each's share of the chain (layer - layer without it):");
+    for (int i = 0; i < 9; ++i) {
+      stages = kLayerStages & ~(1u << i);
+      std::printf(" %s %.1f", stage_names[i], t_layer - time_us(one_layer, 4 * kLayers));
+    }
+    stages = kLayerStages | (1u << 11);
+    std::printf(" us; with the taps: %.1f us\n", time_us(one_layer, 4 * kLayers));
+    stages = kLayerStages;
+    trace_gaps(one_layer, 4 * kLayers);
   }
   if (!layer_only)
     std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n",

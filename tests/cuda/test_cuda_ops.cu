@@ -56,6 +56,24 @@ void test_rmsnorm(int rows, int n, std::uint32_t seed) {
   const auto bits = raw(dy, x.size());
   ops::rmsnorm<T>(dx.get(), nullptr, dw.get(), dy.get(), rows, n, 1e-6f);
   CHECK(same_bits(bits, raw(dy, x.size())));
+  {  // The tap: row r's input, widened, at slot[r] (rows with slot -1 copy nothing); the output is unchanged.
+    std::vector<std::int32_t> slot(static_cast<std::size_t>(rows), -1);
+    for (int r = 0, c = 0; r < rows; ++r)
+      if (r % 2 == 0) slot[static_cast<std::size_t>(r)] = c++;
+    const int nc = (rows + 1) / 2;
+    auto dslot = to_device(slot);
+    DeviceBuffer<float> tap(static_cast<std::size_t>(nc) * n + 1);
+    poison(tap);
+    ops::rmsnorm<T>(dx.get(), nullptr, dw.get(), dy.get(), rows, n, 1e-6f, 0, {tap.get(), dslot.get()});
+    CHECK(same_bits(bits, raw(dy, x.size())));
+    const std::vector<float> got_tap = to_host(tap, tap.size());
+    const std::vector<float> xw = to_host(dx, x.size());
+    for (int r = 0; r < rows; ++r)
+      if (slot[static_cast<std::size_t>(r)] >= 0)
+        CHECK(std::memcmp(got_tap.data() + static_cast<std::size_t>(slot[static_cast<std::size_t>(r)]) * n,
+                          xw.data() + static_cast<std::size_t>(r) * n, n * sizeof(float)) == 0);
+    CHECK(std::isnan(got_tap.back()));  // nothing past the captured rows
+  }
   std::vector<float> ref(x.size());
   for (int r = 0; r < rows; ++r) cpu::rmsnorm(x.data() + r * n, w.data(), ref.data() + r * n, n, 1e-6f);
   const double e = rel_l2(got, ref);
@@ -118,8 +136,18 @@ void test_qk_norm_rope(std::uint32_t seed) {
       v0(static_cast<std::size_t>(cap) * kv_dim), v1(static_cast<std::size_t>(cap) * kv_dim);
   auto kt = to_device(std::vector<T*>{k0.get(), k1.get()});
   auto vt = to_device(std::vector<T*>{v0.get(), v1.get()});
-  ops::qk_norm_rope<T>(dqkv.get(), dseq.get(), dpos.get(), rows, dqn.get(), dkn.get(), dinv.get(), kt.get(), vt.get(), nh, nkv, D, 1e-6f);
+  // Rows 1 and 3 are captured (slots 1 and 0): the key tap holds their rotated keys, widened.
+  const std::vector<std::int32_t> slot{-1, 1, -1, 0, -1};
+  auto dslot = to_device(slot);
+  DeviceBuffer<float> ktap(2 * static_cast<std::size_t>(kv_dim));
+  poison(ktap);
+  ops::qk_norm_rope<T>(dqkv.get(), dseq.get(), dpos.get(), rows, dqn.get(), dkn.get(), dinv.get(), kt.get(), vt.get(), nh, nkv, D,
+                       1e-6f, 0, {ktap.get(), dslot.get()});
   const auto got = to_host(dqkv, qkv.size());
+  const std::vector<float> got_ktap = to_host(ktap, ktap.size());
+  for (int r : {1, 3})
+    CHECK(std::memcmp(got_ktap.data() + static_cast<std::size_t>(slot[static_cast<std::size_t>(r)]) * kv_dim,
+                      got.data() + static_cast<std::size_t>(r) * qkv_dim + q_dim, kv_dim * sizeof(float)) == 0);
   std::vector<float> ref = qkv;
   for (int r = 0; r < rows; ++r)
     for (int h = 0; h < nh + nkv; ++h) {
@@ -362,8 +390,9 @@ void test_router(int E, int k, bool norm, std::uint32_t seed, bool ties = false)
   CHECK(e <= 1e-5);  // softmax and weights are fp32 whatever T
 }
 
-// The decode router in one launch (ops::router_gemv: logits as gemv, the last block routes): logits, ids and weights
-// bit-identical to gemv then router, for 1..8 rows and over repeated launches (the counter resets itself).
+// The decode router in one launch (ops::router_gemv: logits as gemv, then the last block routes, or on sm_90 block 0
+// of a cluster): logits, ids and weights bit-identical to gemv then router, for 1..8 rows and over repeated launches
+// (the counter resets itself), with each kernel.
 template <class T>
 void test_router_gemv(int E, int k, int K, std::uint32_t seed) {
   std::vector<float> x = randn(static_cast<std::size_t>(8) * K, seed), w = randn(static_cast<std::size_t>(E) * K, seed + 1, 0.2f);
@@ -371,8 +400,13 @@ void test_router_gemv(int E, int k, int K, std::uint32_t seed) {
   auto dw = to_device(round_to<T>(w));
   DeviceBuffer<unsigned> counter(1);
   FPF_CUDA(cudaMemset(counter.get(), 0, sizeof(unsigned)));
-  for (int M : {1, 3, 8}) {
+  const bool cluster_default = ops::router_cluster_enabled();  // sm_90: k_router_cluster; both kernels are checked
+  for (int M : {1, 3, 8})
+  for (const bool cluster : {false, true}) {
+    if (cluster && !cluster_default) continue;
+    ops::router_cluster_enabled() = cluster;
     CAPTURE(M);
+    CAPTURE(cluster);
     REQUIRE(ops::router_gemv_fits<T>(dx.get(), dw.get(), M, E, K, k));
     DeviceBuffer<T> la(static_cast<std::size_t>(M) * E), lb(static_cast<std::size_t>(M) * E);
     DeviceBuffer<std::int32_t> ia(static_cast<std::size_t>(M) * k), ib(static_cast<std::size_t>(M) * k);
@@ -389,6 +423,7 @@ void test_router_gemv(int E, int k, int K, std::uint32_t seed) {
       CHECK(fpf::testing::bit_differences(wb.download(wb.size()), wa.download(wa.size())) == 0);
     }
   }
+  ops::router_cluster_enabled() = cluster_default;
 }
 
 // ops::route_group against a host stable counting sort: every slot at its expert's start (or e * Mmax when padded)

@@ -456,13 +456,13 @@ __global__ void __launch_bounds__(2 * C) k_flash_decode_tc(CudaArgs<T> a) {
 inline constexpr int kMergeWarps = 8, kMergeChunks = 16;
 template <class T>
 __global__ void __launch_bounds__(32 * kMergeWarps) k_flash_merge(CudaArgs<T> a, int chunks, int C) {
+  const int used = (a.row_pos[blockIdx.x] + 1 + C - 1) / C;  // the host's metadata: before pdl_wait
   cuda::pdl_begin();
   constexpr int NW = kMergeWarps, MC = kMergeChunks;
   __shared__ float wm[NW], wl[NW];
   __shared__ float2 wacc[NW][32];
   const int D = a.head_dim, r = blockIdx.x, h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int d0 = static_cast<int>(blockIdx.z) * 64;
-  const int used = (a.row_pos[r] + 1 + C - 1) / C;
   const std::size_t rh = static_cast<std::size_t>(r) * a.num_heads + h;
   const float* part = a.scratch + rh * chunks * (D + 2);
   float2 ml[MC], v[MC];

@@ -77,11 +77,17 @@ inline std::string require_device() {
 
 namespace detail {
 
-// A blocking stream: work on it orders with the legacy default stream that cudaMemcpy uses (uploads and downloads).
-inline cudaStream_t make_stream() {
+// A blocking stream (by default): work on it orders with the legacy default stream that cudaMemcpy uses (uploads and
+// downloads).
+inline cudaStream_t make_stream(unsigned flags = cudaStreamDefault) {
   cudaStream_t s{};
-  FPF_CUDA(cudaStreamCreate(&s));
+  FPF_CUDA(cudaStreamCreateWithFlags(&s, flags));
   return s;
+}
+inline cudaEvent_t make_event() {
+  cudaEvent_t e{};
+  FPF_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  return e;
 }
 
 // FPF_CUDA_PROFILE=1: synchronizes after each stage of the forward and prints where the time went (one line per
@@ -211,7 +217,7 @@ class Impl {
     const long long V = cfg_.vocab_size;
 
     // ---- rows: every sequence's new tokens, concatenated ----
-    std::vector<std::int32_t> ids, row_seq, row_pos, cap_rows;
+    std::vector<std::int32_t> ids, row_seq, row_pos, cap_rows, cap_of_row;  // capture i's row; row r's capture or -1
     std::vector<int> p0(B), c0(B), first_row(B);
     int max_keys = 0;
     for (int b = 0; b < B; ++b) {
@@ -225,6 +231,7 @@ class Impl {
         if (id < 0 || id >= cfg_.vocab_size)
           throw Error("prompt", "token id " + std::to_string(id) + " is outside the vocabulary (vocab_size " +
                                     std::to_string(cfg_.vocab_size) + ")");
+        cap_of_row.push_back(t >= c0[b] ? static_cast<std::int32_t>(cap_rows.size()) : -1);
         if (t >= c0[b]) cap_rows.push_back(static_cast<std::int32_t>(ids.size()));
         ids.push_back(id);
         row_seq.push_back(b);
@@ -238,11 +245,12 @@ class Impl {
     if (R == 0) throw Error("forward", "no tokens given");
     {
       std::vector<std::int32_t> meta;
-      meta.reserve(3 * R + Nc);
+      meta.reserve(4 * R + Nc);
       meta.insert(meta.end(), ids.begin(), ids.end());
       meta.insert(meta.end(), row_seq.begin(), row_seq.end());
       meta.insert(meta.end(), row_pos.begin(), row_pos.end());
       meta.insert(meta.end(), cap_rows.begin(), cap_rows.end());
+      meta.insert(meta.end(), cap_of_row.begin(), cap_of_row.end());
       moved |= meta_.resize(meta.size());
       meta_.upload(meta.data(), meta.size());
     }
@@ -250,6 +258,7 @@ class Impl {
     const std::int32_t* d_seq = d_ids + R;
     const std::int32_t* d_pos = d_seq + R;
     const std::int32_t* d_cap = d_pos + R;
+    const std::int32_t* d_cap_of_row = d_cap + Nc;
 
     const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
     const int I = cfg_.intermediate_size, Ie = cfg_.moe_intermediate_size;
@@ -281,6 +290,14 @@ class Impl {
     const std::set<int> tapped(spec.layers.begin(), spec.layers.end());
     const std::size_t tap_block = static_cast<std::size_t>(Nc) * (H + kv_dim);
     moved |= stage_.resize(tapped.size() * tap_block + 1);
+    // Tapped layer t's block of stage_: [Nc, H] hidden states, then [Nc, kv_dim] keys. The taps are copied inside the
+    // kernels that read or write those values (no launch of their own): the hidden state after layer t by the next
+    // RMSNorm that reads it (layer t + 1's input norm, or the final norm), layer t's keys by its q/k norm + RoPE.
+    auto tap_block_of = [&](int t) -> float* {
+      const auto it = tapped.find(t);
+      if (it == tapped.end()) return nullptr;
+      return stage_.get() + static_cast<std::size_t>(std::distance(tapped.begin(), it)) * tap_block;
+    };
     moved |= hc_.resize(static_cast<std::size_t>(Nc) * H);
     moved |= logits_.resize(static_cast<std::size_t>(Nc) * V);
     moved |= top_.resize(static_cast<std::size_t>(Nc) * (spec.topk + 1));
@@ -288,19 +305,44 @@ class Impl {
     moved |= lsm_.reserve(Nc, V, spec.topk);
 
     const cudaStream_t st = stream_;
+    // Decode: layer l + 1's KV caches (up to each row's position) into L2 once layer l's o product is launched, and
+    // its q/k/v, o and router weights once layer l's gate_up product is: on a side stream (ops::prefetch_l2, issue
+    // only), so the bytes move while layer l's later kernels run and layer l + 1 reads them from L2. The side
+    // stream joins the main one at the end of the step. Values are unchanged: a prefetch moves bytes into L2 only.
+    bool side_used = false;
+    auto prefetch_next = [&](int ln, bool kv) {
+      if (!decode || !l2_prefetch_ || ln >= cfg_.num_hidden_layers) return;
+      ops::PrefetchList w;
+      T* const* kc = nullptr;
+      T* const* vc = nullptr;
+      if (kv) {
+        kc = kptr_.get() + static_cast<std::size_t>(ln) * B, vc = vptr_.get() + static_cast<std::size_t>(ln) * B;
+      } else {
+        const LayerW<T>& N = layers_[static_cast<std::size_t>(ln)];
+        N.qkv.device_ranges(w);
+        N.o.device_ranges(w);
+        if (N.moe) N.router.device_ranges(w);
+      }
+      FPF_CUDA(cudaEventRecord(fork_ev_, st));
+      FPF_CUDA(cudaStreamWaitEvent(side_, fork_ev_));
+      ops::prefetch_l2<T>(w, kc, vc, d_seq, d_pos, R, kv_dim, side_);
+      side_used = true;
+    };
     // Everything from the embedding to the top-k: in decode a fixed sequence of kernels (no host round trip).
     auto run = [&] {
+    side_used = false;
     ops::embed<T>(d_ids, R, embed_.get(), x_.get(), H, st);
-    int li = 0;
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       LayerW<T>& L = layers_[static_cast<std::size_t>(l)];
-      ops::rmsnorm<T>(x_.get(), nullptr, L.input_norm.get(), h_.get(), R, H, eps, st);
+      float* const tap_in = l > 0 ? tap_block_of(l) : nullptr;  // x is the hidden state after layer l (1-based)
+      float* const tap_out = tap_block_of(l + 1);                // this layer's keys
+      ops::rmsnorm<T>(x_.get(), nullptr, L.input_norm.get(), h_.get(), R, H, eps, st, {tap_in, d_cap_of_row});
       L.qkv.apply(gemm_, h_.get(), R, qkv_.get(), wscratch_.get(), st);
       timer_.mark("norm+qkv");
       T* const* kc = kptr_.get() + static_cast<std::size_t>(l) * B;
       T* const* vc = vptr_.get() + static_cast<std::size_t>(l) * B;
       ops::qk_norm_rope<T>(qkv_.get(), d_seq, d_pos, R, L.q_norm.get(), L.k_norm.get(), inv_freq_.get(), kc, vc, nh, nkv,
-                           D, eps, st);
+                           D, eps, st, {tap_out != nullptr ? tap_out + static_cast<std::size_t>(Nc) * H : nullptr, d_cap_of_row});
       attn::CudaArgs<T> a;
       a.q = qkv_.get();
       a.q_stride = static_cast<std::size_t>(qkv_dim);
@@ -331,31 +373,30 @@ class Impl {
       }
       timer_.mark("attention");
       L.o.apply(gemm_, att_.get(), R, tmp_.get(), wscratch_.get(), st);
+      prefetch_next(l + 1, true);
       ops::add_rmsnorm<T>(x_.get(), tmp_.get(), L.post_norm.get(), h_.get(), R, H, eps, st);
       timer_.mark("o+norm");
       if (!L.moe) {
         L.gate_up.apply(gemm_, h_.get(), R, gu_.get(), wscratch_.get(), st);
+        prefetch_next(l + 1, false);
         ops::swiglu<T>(gu_.get(), act_.get(), R, I, st);
         L.down.apply(gemm_, act_.get(), R, tmp_.get(), wscratch_.get(), st);
         ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H, st);
       } else {
-        moe(L, R, st);
+        moe(L, R, st, [&] { prefetch_next(l + 1, false); });
       }
       timer_.mark("mlp/moe");
-      if (tapped.count(l + 1)) {
-        float* sg = stage_.get() + static_cast<std::size_t>(li) * tap_block;
-        const ops::RowCopy<T> hidden{x_.get(), static_cast<std::size_t>(H), 0, H, sg};
-        const ops::RowCopy<T> keys{qkv_.get(), static_cast<std::size_t>(qkv_dim), q_dim, kv_dim,
-                                   sg + static_cast<std::size_t>(Nc) * H};
-        ops::rows_to_f32<T>(hidden, &keys, d_cap, Nc, st);
-        ++li;
-      }
     }
-    ops::rmsnorm<T>(x_.get(), d_cap, final_norm_.get(), hc_.get(), Nc, H, eps, st);
+    // The final norm's block i reads capture i's row: the last layer's tap takes it as is.
+    ops::rmsnorm<T>(x_.get(), d_cap, final_norm_.get(), hc_.get(), Nc, H, eps, st, {tap_block_of(cfg_.num_hidden_layers), nullptr});
     gemm_.linear<T>(hc_.get(), Nc, lm_head(), static_cast<int>(V), H, logits_.get(), st);
     std::int32_t* d_top = top_.get();
     std::int32_t* d_arg = d_top + static_cast<std::size_t>(Nc) * spec.topk;
     ops::log_softmax_topk<T>(logits_.get(), Nc, V, spec.topk, d_top, top_lp_.get(), d_arg, lsm_, st);
+    if (side_used) {
+      FPF_CUDA(cudaEventRecord(join_ev_, side_));
+      FPF_CUDA(cudaStreamWaitEvent(st, join_ev_));
+    }
     timer_.mark("taps+head");
     };
 
@@ -442,8 +483,9 @@ class Impl {
     return moved;
   }
 
-  // The MoE block: x_ += experts(h_).
-  void moe(LayerW<T>& L, int R, cudaStream_t st) {
+  // The MoE block: x_ += experts(h_). after_gate_up: called once the decode path's gate_up product is launched.
+  template <class AfterGateUp>
+  void moe(LayerW<T>& L, int R, cudaStream_t st, AfterGateUp&& after_gate_up) {
     const int H = cfg_.hidden_size, E = cfg_.num_experts, k = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size;
     const int P = R * k;
     std::int32_t* d_ids = route_ids_.get();
@@ -459,6 +501,7 @@ class Impl {
       // 4-bit weights: gate_up with the SwiGLU, and down with the combine, one kernel each (same bits as apart);
       // dense weights: moe_gemv, swiglu, moe_gemv, moe_combine.
       L.gate_up.moe_gemv_swiglu(h_.get(), k, d_ids, P, gu_.get(), act_.get(), st);
+      after_gate_up();
       L.down.moe_gemv_combine(act_.get(), d_ids, route_wts_.get(), R, k, ye_.get(), x_.get(), H, st);
       return;
     }
@@ -687,6 +730,11 @@ class Impl {
   // Decode steps run as CUDA graphs (FPF_CUDA_GRAPHS=0: launched one by one; same kernels, same values).
   bool graphs_ = std::getenv("FPF_CUDA_GRAPHS") == nullptr || std::string(std::getenv("FPF_CUDA_GRAPHS")) != "0";
   cudaStream_t stream_ = make_stream();
+  // The decode step's L2 prefetch (sm_90; FPF_L2_PREFETCH=0 turns it off): a side stream and its fork / join events.
+  bool l2_prefetch_ = ops::prefetch_l2_available() &&
+                      (std::getenv("FPF_L2_PREFETCH") == nullptr || std::string(std::getenv("FPF_L2_PREFETCH")) != "0");
+  cudaStream_t side_ = make_stream(cudaStreamNonBlocking);
+  cudaEvent_t fork_ev_ = make_event(), join_ev_ = make_event();
   Graphs graphs_by_key_;
   Gemm gemm_;
   DeviceBuffer<T> embed_, lm_head_;

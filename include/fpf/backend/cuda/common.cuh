@@ -192,9 +192,32 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // kernel writes may be read (weights). A kernel launched with <<<>>> needs none of this (it starts after the
 // earlier kernel has finished), and pdl_wait in a kernel launched that way returns at once, so the values never
 // depend on whether PDL is on: it changes when blocks start, not what they compute.
+#ifdef FPF_PDL_TRACE
+// Instrumentation for fpf-cuda-kernel-bench's --trace (defined in that program only): the GPU time at which block
+// (0, 0, 0) of each launch leaves pdl_wait, with the launch's shape. The gaps between launches are the time each
+// kernel adds to the chain.
+struct PdlTraceRec {
+  unsigned long long t, arrive;  // leaving pdl_wait, reaching it
+  unsigned gx, gy, gz, bx;
+};
+__device__ PdlTraceRec* g_pdl_trace;
+__device__ unsigned g_pdl_trace_n, g_pdl_trace_cap;
+#endif
 __device__ __forceinline__ void pdl_wait() {
+#ifdef FPF_PDL_TRACE
+  unsigned long long t0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#ifdef FPF_PDL_TRACE
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && g_pdl_trace != nullptr) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    const unsigned i = atomicAdd(&g_pdl_trace_n, 1u);
+    if (i < g_pdl_trace_cap) g_pdl_trace[i] = {t, t0, gridDim.x, gridDim.y, gridDim.z, blockDim.x};
+  }
 #endif
 }
 // Lets the next kernel's blocks be scheduled (they wait in their own pdl_wait for this kernel to finish).
@@ -206,6 +229,37 @@ __device__ __forceinline__ void pdl_trigger() {
 __device__ __forceinline__ void pdl_begin() {
   pdl_wait();
   pdl_trigger();
+}
+
+// ---- thread-block clusters (sm_90; call only from code compiled for it) ----
+// Raw PTX: cooperative_groups' header brings a namespace `cuda` that clashes with fpf::cuda.
+__device__ __forceinline__ unsigned cluster_rank() {  // this block's rank in its cluster
+  unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+  return r;
+}
+// The shared::cluster address of `smem` (this block's shared memory) in block `rank` of the cluster.
+__device__ __forceinline__ std::uint32_t cluster_map(const void* smem, unsigned rank) {
+  std::uint32_t r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const auto a = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+#endif
+  return r;
+}
+__device__ __forceinline__ void cluster_store(std::uint32_t addr, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
+#endif
+}
+// Every thread of every block of the cluster: the stores before it (shared::cluster ones included) are visible to
+// every thread of the cluster after it (arrive.release, wait.acquire).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
 }
 
 // Whether cuda::launch asks for PDL: on sm_90 (the build's native code there holds griddepcontrol; other GPUs run
@@ -223,19 +277,32 @@ inline bool& pdl_enabled() {
 }
 
 // k<<<grid, block, smem, s>>>(args...) with the PDL attribute when pdl_enabled(); k must follow pdl_wait's rule.
+// cluster_x > 0: the grid's blocks form thread-block clusters of cluster_x blocks along x (sm_90).
 template <class... P, class... A>
-void launch(const char* what, void (*k)(P...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t s, A&&... args) {
-  cudaLaunchAttribute at{};
-  at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at.val.programmaticStreamSerializationAllowed = 1;
+void launch_ex(const char* what, void (*k)(P...), unsigned cluster_x, dim3 grid, dim3 block, std::size_t smem, cudaStream_t s,
+               A&&... args) {
+  cudaLaunchAttribute at[2]{};
+  unsigned n = 0;
+  if (pdl_enabled()) {
+    at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_x > 0) {
+    at[n].id = cudaLaunchAttributeClusterDimension;
+    at[n++].val.clusterDim = {cluster_x, 1, 1};
+  }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cfg.attrs = &at;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cfg.attrs = at;
+  cfg.numAttrs = n;
   check(cudaLaunchKernelEx(&cfg, k, std::forward<A>(args)...), what);
+}
+template <class... P, class... A>
+void launch(const char* what, void (*k)(P...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t s, A&&... args) {
+  launch_ex(what, k, 0, grid, block, smem, s, std::forward<A>(args)...);
 }
 
 // Two floats rounded to T (bf16 or fp16, nearest even), lo in the low half: a 32-bit tensor-core operand or store.

@@ -52,6 +52,11 @@ class Linear {
     for (const Part& p : parts_) b += p.w.bytes_per_matrix();
     return b;
   }
+  // Appends the weight's device arrays (for ops::prefetch_l2).
+  void device_ranges(ops::PrefetchList& l) const {
+    if (!quantized()) return l.add(dense_.get(), static_cast<std::size_t>(E_) * N_ * K_ * sizeof(T));
+    for (const Part& p : parts_) p.w.device_ranges(l);
+  }
   // T elements the prefill path's dequantized matrix needs.
   std::size_t scratch_elems() const { return quantized() ? static_cast<std::size_t>(N_) * K_ : 0; }
 

@@ -56,24 +56,52 @@ void embed(const std::int32_t* ids, int rows, const T* table, T* x, int H, cudaS
 // thread, then over the block by block_sum: the order k_rmsnorm has always used, with each element loaded once.
 inline constexpr int kRowPer = 8;
 
+// The norm weights of the thread's first kRowPer elements. No kernel writes them: the kernels load them before
+// pdl_wait, so that after it only x is a round trip to memory.
+__device__ __forceinline__ void norm_weights(const float* __restrict__ w, int n, float (&wv)[kRowPer]) {
+#pragma unroll
+  for (int u = 0; u < kRowPer; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    wv[u] = i < n ? w[i] : 0.0f;
+  }
+}
+// wv: norm_weights(w); w for the elements past kRowPer per thread.
 template <class T>
-__device__ __forceinline__ void rmsnorm_finish(const float (&v)[kRowPer], const T* xr, const float* __restrict__ w,
-                                               T* __restrict__ yr, int n, double ss, float eps) {
+__device__ __forceinline__ void rmsnorm_finish(const float (&v)[kRowPer], const float (&wv)[kRowPer], const T* xr,
+                                               const float* __restrict__ w, T* __restrict__ yr, int n, double ss, float eps) {
   const float mean = static_cast<float>(ss / static_cast<double>(n));
   const float inv = 1.0f / sqrtf(mean + eps);
 #pragma unroll
   for (int u = 0; u < kRowPer; ++u) {
     const int i = threadIdx.x + u * blockDim.x;
-    if (i < n) yr[i] = from_f<T>(w[i] * (v[u] * inv));
+    if (i < n) yr[i] = from_f<T>(wv[u] * (v[u] * inv));
   }
   for (int i = threadIdx.x + kRowPer * blockDim.x; i < n; i += blockDim.x) yr[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
 }
+// A signal tap's fp32 copy of the rows a kernel reads or writes (the backend's capture, DESIGN.md "Signals"), taken
+// inside that kernel instead of by a launch of its own: row r of the kernel goes to dst + slot(r) * width, where
+// slot(r) = slots[r] (no copy when < 0) or r when slots is null. dst null: no tap. The copy is the T value widened.
+// The slots are written by the host before the step, by no kernel: a kernel looks its row up before pdl_wait, so
+// the lookup is not on the step's critical path.
+struct TapOut {
+  float* dst = nullptr;
+  const std::int32_t* slots = nullptr;
+  __device__ __forceinline__ float* row(int r, int width) const {
+    if (dst == nullptr) return nullptr;
+    const int at = slots != nullptr ? slots[r] : r;
+    return at < 0 ? nullptr : dst + static_cast<std::size_t>(at) * width;
+  }
+};
+
 template <class T>
 __global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restrict__ rows, const float* __restrict__ w,
-                          T* __restrict__ y, int n, float eps) {
+                          T* __restrict__ y, int n, float eps, TapOut tap) {
+  float* const t = tap.row(blockIdx.x, n);
+  const std::size_t src = rows ? static_cast<std::size_t>(rows[blockIdx.x]) : blockIdx.x;  // the host's, as the tap's
+  float wv[kRowPer];
+  norm_weights(w, n, wv);
   pdl_begin();
   __shared__ double scratch[32];
-  const std::size_t src = rows ? static_cast<std::size_t>(rows[blockIdx.x]) : blockIdx.x;
   const T* xr = x + src * n;
   float v[kRowPer];
 #pragma unroll
@@ -88,12 +116,22 @@ __global__ void k_rmsnorm(const T* __restrict__ x, const std::int32_t* __restric
     const double d = to_f(xr[i]);
     ss += d * d;
   }
-  rmsnorm_finish(v, xr, w, y + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
+  rmsnorm_finish(v, wv, xr, w, y + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
+  if (t != nullptr) {
+#pragma unroll
+    for (int u = 0; u < kRowPer; ++u) {
+      const int i = threadIdx.x + u * blockDim.x;
+      if (i < n) t[i] = v[u];
+    }
+    for (int i = threadIdx.x + kRowPer * blockDim.x; i < n; i += blockDim.x) t[i] = to_f(xr[i]);
+  }
 }
+// y[i] = rmsnorm(x[rows ? rows[i] : i]); tap (optional): x's rows in fp32, block i as row i.
 template <class T>
-void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nrows, int n, float eps, cudaStream_t s = 0) {
+void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nrows, int n, float eps, cudaStream_t s = 0,
+             TapOut tap = {}) {
   if (nrows == 0) return;
-  launch("rmsnorm", k_rmsnorm<T>, nrows, 256, 0, s, x, rows, w, y, n, eps);
+  launch("rmsnorm", k_rmsnorm<T>, nrows, 256, 0, s, x, rows, w, y, n, eps, tap);
 }
 
 // The residual add and the next RMSNorm in one kernel (one block per row): x += y (rounded to T, as add), then
@@ -101,6 +139,8 @@ void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nro
 template <class T>
 __global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const float* __restrict__ w, T* __restrict__ out,
                               int n, float eps) {
+  float wv[kRowPer];
+  norm_weights(w, n, wv);
   pdl_begin();
   __shared__ double scratch[32];
   T* xr = x + static_cast<std::size_t>(blockIdx.x) * n;
@@ -124,7 +164,7 @@ __global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const 
     const double d = to_f(t);
     ss += d * d;
   }
-  rmsnorm_finish(v, xr, w, out + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
+  rmsnorm_finish(v, wv, xr, w, out + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
 }
 template <class T>
 void add_rmsnorm(T* x, const T* y, const float* w, T* out, int nrows, int n, float eps, cudaStream_t s = 0) {
@@ -135,24 +175,57 @@ void add_rmsnorm(T* x, const T* y, const float* w, T* out, int nrows, int n, flo
 // ---------------------------------------------------------------------------------------------------------------
 // Per-head q/k RMSNorm + RoPE (rotate_half), and the KV-cache store. qkv rows are [q heads | k heads | v heads];
 // q and k are normalized and rotated in place; k and v are also written to the row's sequence cache at its
-// absolute position. One warp per (row, head), 4 heads per block; grid (rows, (nh + nkv) / 4).
+// absolute position. One warp per (row, head), 4 heads per block; grid (rows, (nh + nkv) / 4). key_tap (optional):
+// the row's normalised, rotated keys (as stored, [nkv * D]) in fp32.
 // ---------------------------------------------------------------------------------------------------------------
+// Rotates a lane's normalised elements when half = 32 HB (HB = 1, 2, 4: head_dim 64, 128, 256): element u (index
+// lane + 32 u) pairs with element u + HB. Same operations, in the same order, as the generic loop of k_qk_norm_rope.
+template <int HB, class T>
+__device__ __forceinline__ void rope_lane(const float (&xv)[8], const float (&wv)[8], const float (&c)[4], const float (&sn)[4],
+                                          float inv, T (&o)[8]) {
+#pragma unroll
+  for (int u = 0; u < HB; ++u) {
+    const float x1 = wv[u] * (xv[u] * inv), x2 = wv[u + HB] * (xv[u + HB] * inv);
+    o[u] = from_f<T>(x1 * c[u] - x2 * sn[u]);
+    o[u + HB] = from_f<T>(x2 * c[u] + x1 * sn[u]);
+  }
+}
 template <class T>
 __global__ void k_qk_norm_rope(T* __restrict__ qkv, const std::int32_t* __restrict__ row_seq,
                                const std::int32_t* __restrict__ row_pos, const float* __restrict__ q_norm,
                                const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
                                T* const* __restrict__ kcache, T* const* __restrict__ vcache, int nh, int nkv, int D,
-                               float eps) {
-  pdl_begin();
+                               float eps, TapOut key_tap) {
   constexpr int kPer = 8;  // head_dim <= 256: lane holds elements lane + 32 u
   const int r = blockIdx.x, hd = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31, half = D / 2;
-  if (hd >= nh + nkv) return;
   const int q_dim = nh * D, kv_dim = nkv * D;
+  // Before pdl_wait, what no kernel writes: the row's metadata and cache pointers (the host's), the norm weights and
+  // the rotation's cos / sin. After it one round trip, the loads of q or k and v, when half is a multiple of 32.
+  const bool is_k = hd >= nh && hd < nh + nkv, is_q = hd < nh;
+  float* kt = is_k ? key_tap.row(r, kv_dim) : nullptr;
+  const int p = row_pos[r];
+  T* const kc0 = is_k ? kcache[row_seq[r]] : nullptr;
+  T* const vc0 = is_k ? vcache[row_seq[r]] : nullptr;
+  const float* w = is_q ? q_norm : k_norm;
+  const float pos = static_cast<float>(p);
+  const int hb = half % 32 == 0 && half <= 128 ? half / 32 : 0;  // 0: the generic loop
+  float wv[kPer] = {}, c[4] = {}, sn[4] = {};
+  if (hb != 0 && hd < nh + nkv) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u)
+      if (lane + 32 * u < D) wv[u] = w[lane + 32 * u];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (u < hb) {
+        const float angle = pos * inv_freq[lane + 32 * u];
+        c[u] = cosf(angle), sn[u] = sinf(angle);
+      }
+  }
+  pdl_begin();
+  if (hd >= nh + nkv) return;
   T* row = qkv + static_cast<std::size_t>(r) * (q_dim + 2 * kv_dim);
-  const bool is_q = hd < nh;
   const int kvh = hd - nh;
   T* x = is_q ? row + hd * D : row + q_dim + kvh * D;
-  const float* w = is_q ? q_norm : k_norm;
   const T* v = row + q_dim + kv_dim + kvh * D;
   float xv[kPer], vv[kPer];
 #pragma unroll
@@ -161,40 +234,56 @@ __global__ void k_qk_norm_rope(T* __restrict__ qkv, const std::int32_t* __restri
     xv[u] = i < D ? to_f(x[i]) : 0.0f;
     vv[u] = !is_q && i < D ? to_f(v[i]) : 0.0f;
   }
-  const float pos = static_cast<float>(row_pos[r]);
   double ss = 0.0;
 #pragma unroll
   for (int u = 0; u < kPer; ++u) ss += static_cast<double>(xv[u]) * xv[u];
   ss = warp_sum(ss);
   const float mean = static_cast<float>(ss / static_cast<double>(D));
   const float inv = 1.0f / sqrtf(mean + eps);
-  __syncwarp();  // every lane has read x before any lane overwrites it
-  for (int i = lane; i < half; i += 32) {
-    const float x1 = w[i] * (to_f(x[i]) * inv), x2 = w[i + half] * (to_f(x[i + half]) * inv);
-    const float angle = pos * inv_freq[i];
-    const float c = cosf(angle), s = sinf(angle);
-    x[i] = from_f<T>(x1 * c - x2 * s);
-    x[i + half] = from_f<T>(x2 * c + x1 * s);
+  T o[kPer];  // the rotated elements (hb != 0)
+  if (hb == 1) rope_lane<1>(xv, wv, c, sn, inv, o);
+  else if (hb == 2) rope_lane<2>(xv, wv, c, sn, inv, o);
+  else if (hb == 4) rope_lane<4>(xv, wv, c, sn, inv, o);
+  if (hb != 0) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u)
+      if (lane + 32 * u < D) x[lane + 32 * u] = o[u];
+  } else {
+    __syncwarp();  // every lane has read x before any lane overwrites it
+    for (int i = lane; i < half; i += 32) {
+      const float x1 = w[i] * (to_f(x[i]) * inv), x2 = w[i + half] * (to_f(x[i + half]) * inv);
+      const float angle = pos * inv_freq[i];
+      const float cc = cosf(angle), ss2 = sinf(angle);
+      x[i] = from_f<T>(x1 * cc - x2 * ss2);
+      x[i + half] = from_f<T>(x2 * cc + x1 * ss2);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < kPer; ++u)
+      if (lane + 32 * u < D) o[u] = x[lane + 32 * u];
   }
   if (is_q) return;
-  __syncwarp();
-  const std::size_t at = static_cast<std::size_t>(row_pos[r]) * kv_dim + kvh * D;
-  T* kc = kcache[row_seq[r]] + at;
-  T* vc = vcache[row_seq[r]] + at;
+  const std::size_t at = static_cast<std::size_t>(p) * kv_dim + kvh * D;
+  T* kc = kc0 + at;
+  T* vc = vc0 + at;
+  if (kt != nullptr) kt += kvh * D;
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
     const int i = lane + 32 * u;
-    if (i < D) kc[i] = x[i], vc[i] = from_f<T>(vv[u]);
+    if (i < D) {
+      kc[i] = o[u], vc[i] = from_f<T>(vv[u]);
+      if (kt != nullptr) kt[i] = to_f(o[u]);
+    }
   }
 }
 template <class T>
 void qk_norm_rope(T* qkv, const std::int32_t* row_seq, const std::int32_t* row_pos, int rows, const float* q_norm,
                   const float* k_norm, const float* inv_freq, T* const* kcache, T* const* vcache, int nh, int nkv, int D,
-                  float eps, cudaStream_t s = 0) {
+                  float eps, cudaStream_t s = 0, TapOut key_tap = {}) {
   if (rows == 0) return;
   constexpr int kWarps = 4;  // (row, head) pairs per block
   launch("qk_norm_rope", k_qk_norm_rope<T>, dim3(rows, (nh + nkv + kWarps - 1) / kWarps), 32 * kWarps, 0, s, qkv, row_seq,
-         row_pos, q_norm, k_norm, inv_freq, kcache, vcache, nh, nkv, D, eps);
+         row_pos, q_norm, k_norm, inv_freq, kcache, vcache, nh, nkv, D, eps, key_tap);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -473,30 +562,6 @@ void gather(const T* src, const std::int32_t* rows, int src_div, int nrows, T* d
     launch("gather", k_gather<T, 1>, nrows, 256, 0, s, src, rows, src_div, dst, n);
 }
 
-// Converts rows of T to fp32 (taps). One copy: dst[i, j] = float(src[rows[i] * stride + col0 + j]) for j < n.
-template <class T>
-struct RowCopy {
-  const T* src;
-  std::size_t stride;
-  int col0, n;
-  float* dst;
-};
-// Blocks [0, nrows) do copy a, blocks [nrows, 2 nrows) copy b (when given): a layer's two taps in one launch.
-template <class T>
-__global__ void k_rows_to_f32(RowCopy<T> a, RowCopy<T> b, const std::int32_t* __restrict__ rows, int nrows) {
-  pdl_begin();
-  const bool second = static_cast<int>(blockIdx.x) >= nrows;
-  const RowCopy<T>& c = second ? b : a;
-  const int i = static_cast<int>(blockIdx.x) - (second ? nrows : 0);
-  const T* s = c.src + static_cast<std::size_t>(rows[i]) * c.stride + c.col0;
-  for (int j = threadIdx.x; j < c.n; j += blockDim.x) c.dst[static_cast<std::size_t>(i) * c.n + j] = to_f(s[j]);
-}
-template <class T>
-void rows_to_f32(const RowCopy<T>& a, const RowCopy<T>* b, const std::int32_t* rows, int nrows, cudaStream_t s = 0) {
-  if (nrows == 0) return;
-  launch("rows_to_f32", k_rows_to_f32<T>, (b != nullptr ? 2 : 1) * nrows, 128, 0, s, a, b != nullptr ? *b : a, rows, nrows);
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Small-M matrix-vector products (decode): one warp per output row n; each lane walks its 16-byte chunks of the
 // row in order, then a butterfly sums the lanes. Y[m, n] = sum_k X[m, k] W[n, k]; W row-major [N, K].
@@ -658,18 +723,81 @@ __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __re
   }
   if (threadIdx.x == 0) *counter = 0u;
 }
+// sm_90: the decode router as one thread-block cluster of at most kRouterClusterMax blocks. Each block computes
+// the logits of blockDim / 32 experts (k_router_gemv's warps and values), writes them to `logits` and, widened, into
+// block 0's shared memory (Hopper's distributed shared memory); the cluster barrier (release, then acquire) makes
+// them visible there, and block 0 routes each row as k_router_gemv's last block does, from its own shared memory.
+// Same ids and weights, without the device counter, its fences and the logits' round trip through L2.
+inline constexpr int kRouterClusterMax = 8, kRouterClusterWarps = 16;  // blocks per cluster (portable), warps per block
+template <class T, int M>
+__global__ void __launch_bounds__(32 * kRouterClusterWarps)
+    k_router_cluster(const T* __restrict__ X, const T* __restrict__ W, int E, int K, T* __restrict__ logits, int k, int norm,
+                     std::int32_t* __restrict__ ids, float* __restrict__ wts) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ float p[];  // [E] route_row's scratch, then block 0's [M][E] logits
+  __shared__ RouteSmem sm;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * (blockDim.x >> 5) + warp;
+  const std::uint32_t lg = cluster_map(p + E, 0);  // block 0's logits
+  if (n < E) {  // the router weights' first loads before pdl_wait, as k_router_gemv
+    float acc[M];
+    dot_rows<T, M, true, true>(W + static_cast<std::size_t>(n) * K, X, K, K, acc);
+    pdl_begin();
+    if (lane == 0)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const T v = from_f<T>(acc[m]);
+        logits[static_cast<std::size_t>(m) * E + n] = v;
+        cluster_store(lg + 4u * static_cast<std::uint32_t>(m * E + n), to_f(v));
+      }
+  } else {
+    pdl_begin();
+  }
+  cluster_sync();
+  if (cluster_rank() != 0) return;
+  for (int m = 0; m < M; ++m) {
+    const float* x = p + E + m * E;
+    route_row([&](int e) { return x[e]; }, E, k, norm, p, sm, ids + m * k, wts + m * k);
+  }
+#endif
+}
+// Whether router_gemv takes k_router_cluster (else k_router_gemv): on sm_90 for E <= 128. Tests flip it to compare.
+inline bool& router_cluster_enabled() {
+  static bool on = [] {
+    int dev = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
+  }();
+  return on;
+}
+
 // Whether router_gemv applies (else gemv + router).
 template <class T>
 bool router_gemv_fits(const T* X, const T* W, int M, int E, int K, int k) {
   return M >= 1 && M <= kGemvMaxRows && k <= kRouteMaxK && k <= E && vectorizable<T>(X, W, K) && E * sizeof(float) <= 32 * 1024;
 }
-// counter: one unsigned on the device, 0 before the first launch.
+// counter: one unsigned on the device, 0 before the first launch (k_router_gemv's; the cluster kernel needs none).
 template <class T>
 void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, bool norm, std::int32_t* ids, float* wts,
                  unsigned* counter, cudaStream_t s = 0) {
+  const int nm = norm ? 1 : 0;
+  if (router_cluster_enabled() && E <= kRouterClusterMax * kRouterClusterWarps) {
+    const unsigned warps = blocks_for(static_cast<std::size_t>(E), kRouterClusterMax);  // per block
+    const unsigned blocks = blocks_for(static_cast<std::size_t>(E), warps);             // <= kRouterClusterMax
+    const std::size_t smem = static_cast<std::size_t>(M + 1) * E * sizeof(float);
+    auto go = [&](auto* kern) {
+      launch_ex("router_cluster", kern, blocks, blocks, 32 * warps, smem, s, X, W, E, K, logits, k, nm, ids, wts);
+    };
+    switch (M) {
+#define FPF_ROUTER_M(MM) \
+  case MM: return go(k_router_cluster<T, MM>);
+      FPF_ROUTER_M(1) FPF_ROUTER_M(2) FPF_ROUTER_M(3) FPF_ROUTER_M(4) FPF_ROUTER_M(5) FPF_ROUTER_M(6) FPF_ROUTER_M(7) FPF_ROUTER_M(8)
+#undef FPF_ROUTER_M
+      default: throw Error("router_gemv", "1 to 8 rows");
+    }
+  }
   const unsigned blocks = blocks_for(static_cast<std::size_t>(E), kRouterWarps);
   const std::size_t smem = static_cast<std::size_t>(E) * sizeof(float);
-  const int nm = norm ? 1 : 0;
   auto go = [&](auto* kern) {
     launch("router_gemv", kern, blocks, 32 * kRouterWarps, smem, s, X, W, E, K, logits, k, nm, ids, wts, counter);
   };
@@ -680,6 +808,65 @@ void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, 
 #undef FPF_ROUTER_M
     default: throw Error("router_gemv", "1 to 8 rows");
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// L2 prefetch (decode, sm_90): what a decode layer reads besides its experts, its weights and its KV caches' earlier
+// positions, brought into L2 while the layer before it runs, so that its kernels read them from L2 instead of HBM.
+// Issue-only: each thread issues cp.async.bulk.prefetch.L2 for its pieces and the block ends; no thread waits for
+// the bytes, so the kernel holds no SM while they move. Values never change: a prefetch only moves bytes into L2.
+// ---------------------------------------------------------------------------------------------------------------
+inline constexpr int kPrefetchMaxRanges = 24;
+inline constexpr unsigned kPrefetchPiece = 16384;  // bytes per bulk prefetch
+struct PrefetchList {
+  const void* p[kPrefetchMaxRanges] = {};
+  unsigned long long n[kPrefetchMaxRanges] = {};
+  int count = 0;
+  // A prefetch is a hint: ranges past kPrefetchMaxRanges are left out.
+  void add(const void* ptr, std::size_t bytes) {
+    if (ptr == nullptr || bytes == 0 || count == kPrefetchMaxRanges) return;
+    p[count] = ptr, n[count++] = bytes;
+  }
+};
+// kv (optional): per row r, positions [0, row_pos[r]) of its sequence's K and V caches (kc/vc[row_seq[r]], rows of
+// kv_dim T). Ranges start 16-byte aligned (cudaMalloc'd arrays); a range's last bytes past a multiple of 16 are left.
+template <class T>
+__global__ void k_prefetch_l2(PrefetchList w, T* const* __restrict__ kc, T* const* __restrict__ vc,
+                              const std::int32_t* __restrict__ row_seq, const std::int32_t* __restrict__ row_pos, int rows,
+                              int kv_dim) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned long long tid = blockIdx.x * blockDim.x + threadIdx.x, nt = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  auto issue = [&](const void* ptr, unsigned long long n) {
+    const char* c = static_cast<const char*>(ptr);
+    for (unsigned long long off = tid * kPrefetchPiece; off < n; off += nt * kPrefetchPiece) {
+      const unsigned sz = static_cast<unsigned>(n - off < kPrefetchPiece ? n - off : kPrefetchPiece) & ~15u;
+      if (sz != 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(c + off), "r"(sz) : "memory");
+    }
+  };
+  for (int i = 0; i < w.count; ++i) issue(w.p[i], w.n[i]);
+  if (kc != nullptr)
+    for (int r = 0; r < rows; ++r) {
+      const unsigned long long bytes = static_cast<unsigned long long>(row_pos[r]) * kv_dim * sizeof(T);
+      issue(kc[row_seq[r]], bytes);
+      issue(vc[row_seq[r]], bytes);
+    }
+#endif
+}
+// Whether the device has the bulk prefetch (sm_90); prefetch_l2 launches nothing elsewhere.
+inline bool prefetch_l2_available() {
+  static const bool sm90 = [] {
+    int dev = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
+  }();
+  return sm90;
+}
+template <class T>
+void prefetch_l2(const PrefetchList& w, T* const* kc, T* const* vc, const std::int32_t* row_seq, const std::int32_t* row_pos,
+                 int rows, int kv_dim, cudaStream_t s) {
+  if (!prefetch_l2_available()) return;
+  k_prefetch_l2<T><<<32, 64, 0, s>>>(w, kc, vc, row_seq, row_pos, rows, kv_dim);
+  check(cudaGetLastError(), "prefetch_l2");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -424,6 +424,18 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
   // (L2 load: no stale L1 line). So down's first weight loads overlap gate_up's tail. kPlain, kSwiglu: wait first.
   if (ids != nullptr && Mode != kCombine) pdl_wait();
   const int e = ids == nullptr ? 0 : Mode == kCombine ? __ldcg(ids + blockIdx.y * pair + sl) : ids[blockIdx.y];
+  // kCombine: the slot weights (the router's) and the residual row (written before the router) of the block's output
+  // rows, also before pdl_wait, by the 16 threads that finish the rows.
+  float cw[kCombineMaxSlots] = {};
+  T cres{};
+  if constexpr (Mode == kCombine) {
+    if (threadIdx.x < 16 && tile * 16 + static_cast<int>(threadIdx.x) < rows) {
+#pragma unroll
+      for (int s = 0; s < kCombineMaxSlots; ++s)
+        if (s < pair) cw[s] = __ldcg(wts + blockIdx.y * pair + s);
+      cres = __ldcg(Y + static_cast<long long>(blockIdx.y) * ldy + tile * 16 + threadIdx.x);
+    }
+  }
   int r0, r1;
   bool v0, v1;
   if constexpr (Mode == kSwiglu) {
@@ -518,9 +530,10 @@ __global__ void __launch_bounds__(Mode == kCombine ? 32 * kMmaMaxWarps : 256)
     const int nr = tile * 16 + threadIdx.x;
     if (nr >= rows) return;
     float sum = 0.0f;
-    for (int s = 0; s < pair; ++s) sum = fmaf(part[s][threadIdx.x], wts[blockIdx.y * pair + s], sum);
-    T* y = Y + static_cast<long long>(blockIdx.y) * ldy;
-    y[nr] = ops::combine_into(y[nr], sum);
+#pragma unroll
+    for (int s = 0; s < kCombineMaxSlots; ++s)
+      if (s < pair) sum = fmaf(part[s][threadIdx.x], cw[s], sum);
+    Y[static_cast<long long>(blockIdx.y) * ldy + nr] = ops::combine_into(cres, sum);
   } else if constexpr (Mode == kSwiglu) {
     if (!first || t != 0 || !v0) return;
     const float gt = to_f(from_f<T>(acc[0])), ut = to_f(from_f<T>(acc[2]));
@@ -622,6 +635,13 @@ class Weight {
 
   int N() const { return N_; }
   int K() const { return K_; }
+  // Appends the device arrays of all E matrices (for ops::prefetch_l2).
+  void device_ranges(ops::PrefetchList& l) const {
+    l.add(words_.get(), words_.size() * sizeof(std::uint32_t));
+    l.add(scales_.get(), scales_.size() * sizeof(float));
+    l.add(zeros_.get(), zeros_.size());
+    l.add(perm_.get(), perm_.size() * sizeof(std::int32_t));
+  }
 
   // Y[m, 0..N) (row stride ldy) = X[m] W^T for M <= ops::kGemvMaxRows rows (stride x_stride).
   template <class T>
@@ -651,9 +671,9 @@ class Weight {
   }
   // MoE decode down with the combine: for token r < tokens (slots r k .. r k + k - 1, activation row p of X for
   // slot p), Xres[r] += T(sum_s T(W_{ids[p]} X[p]) wts[p]) in slot order: the bits of moe_gemv then
-  // ops::moe_combine. Returns false, launching nothing, where kCombine does not apply. The ids must come from a
-  // kernel at least two launches earlier in the stream (k_qmma reads them before its pdl_wait; every fpf kernel
-  // waits in each block before it lets the next start).
+  // ops::moe_combine. Returns false, launching nothing, where kCombine does not apply. The ids, the weights and Xres
+  // must be written by kernels at least two launches earlier in the stream (k_qmma reads them before its pdl_wait;
+  // every fpf kernel waits in each block before it lets the next start).
   template <class T>
   bool moe_gemv_combine(const T* X, long long x_stride, const std::int32_t* ids, const float* wts, int tokens, int k, T* Xres,
                         long long ldres, cudaStream_t s = 0) const {
