@@ -5,9 +5,14 @@
 // q/k/v, o, the MoE expert products of 8 slots, and the lm_head. Prints microseconds and the bytes each launch must
 // read per microsecond (GB/s of weights and KV); then whole 4-bit decode layers over 16 distinct weight sets (cold
 // L2), each of their kernels alone, each one's share of the chain, and a trace of the gaps between the launches.
-// --layer-only 1 runs only that last part; --router-cluster 0 takes the router's fallback kernel on the H100.
-//   fpf-cuda-kernel-bench [--keys 6000] [--iters 200] [--layer-only 0|1] [--router-cluster 0|1]
+// --layer-only 1 runs only that last part (--quick 1: only the whole layer's time). Ablations of the layer:
+// --router-cluster 0 takes the router's fallback kernel on the H100; --flash-chunk 32|128 other keys per decode
+// attention block; --prefetch 0 without the backend's L2 prefetch of the next layer's KV (after stage --pf-kv, 4:
+// o) and q/k/v and o weights (after stage --pf-w, 7: gate_up).
+//   fpf-cuda-kernel-bench [--keys 6000] [--iters 200] [--layer-only 0|1] [--quick 0|1] [--router-cluster 0|1]
+//                         [--flash-chunk 32|64|128] [--prefetch 0|1] [--pf-kv S] [--pf-w S]
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -195,9 +200,15 @@ int main(int argc, char** argv) {
     else if (k == "--quick") quick = std::atoi(argv[i + 1]) != 0;
     else if (k == "--router-cluster") cuda::ops::router_cluster_enabled() &= std::atoi(argv[i + 1]) != 0;
     else {
-      std::fprintf(stderr, "usage: fpf-cuda-kernel-bench [--keys N] [--iters N] [--layer-only 0|1] [--router-cluster 0|1] [--flash-chunk 32|64|128] [--prefetch 0|1] [--pf-kv S] [--pf-w S] [--quick 1]\n");
+      std::fprintf(stderr, "usage: fpf-cuda-kernel-bench [--keys N] [--iters N] [--layer-only 0|1] [--quick 0|1] [--router-cluster 0|1] "
+                           "[--flash-chunk 32|64|128] [--prefetch 0|1] [--pf-kv 0..7] [--pf-w 0..7]\n");
       return 2;
     }
+  }
+  if ((flash_chunk != 0 && flash_chunk != 32 && flash_chunk != 64 && flash_chunk != 128) || pf_kv < 0 || pf_kv > 7 || pf_w < 0 ||
+      pf_w > 7) {
+    std::fprintf(stderr, "fpf-cuda-kernel-bench: --flash-chunk takes 32, 64 or 128; --pf-kv and --pf-w a stage 0..7\n");
+    return 2;
   }
   const int nh = 32, nkv = 4, D = 128, H = 2048, I = 768, E = 128, k = 8, q_dim = nh * D, kv_dim = nkv * D;
   const long long V = 151936;
@@ -398,9 +409,10 @@ int main(int argc, char** argv) {
       const int l = layer++ % kLayers;
       const float eps = 1e-6f;
       auto on = [&](int stage) { return (stages >> stage) & 1u; };
-      // --prefetch: on a side stream, the next layer's KV after stage pf_kv, its q/k/v and o weights after pf_w.
+      // --prefetch: on a side stream, the next layer's KV after stage pf_kv, its q/k/v and o weights after pf_w (in
+      // whole layers and the layers without one kernel, not in a kernel alone).
       auto prefetch_after = [&](int stage) {
-        if (prefetch == 0 || !on(stage) || (stage != pf_kv && stage != pf_w)) return;
+        if (prefetch == 0 || !on(stage) || std::popcount(stages & kLayerStages) < 2 || (stage != pf_kv && stage != pf_w)) return;
         const int ln = (l + 1) % kLayers;
         cuda::ops::PrefetchList pl;
         if (stage == pf_w) wq[ln].device_ranges(pl), wo[ln].device_ranges(pl);
@@ -416,6 +428,7 @@ int main(int argc, char** argv) {
       if (on(2))
         cuda::ops::qk_norm_rope<T>(qkvb.get(), dseq.get(), dlast.get(), 1, nw.get(), nw.get(), inv.get(), ktab.get() + l,
                                    vtab.get() + l, nh, nkv, D, eps, st, {taps ? tap_stage.get() + H : nullptr});
+      prefetch_after(2);
       attn::CudaArgs<T> al = d;
       al.q = qkvb.get();
       al.q_stride = q_dim + 2 * kv_dim;
