@@ -160,6 +160,7 @@ void all_kinds() {
       continue;
     }
     check_kind<T>(k, 72, 256, 128, seed += 10);  // wide path
+    check_kind<T>(k, 40, 768, 128, seed += 10);   // the real down's K (bf16/fp16: 6 tensor-core chunks, all in flight)
     check_kind<T>(k, 40, 2048, 128, seed += 10);  // 32 lanes per row, 2 chunks (the real gate_up, q/k/v)
     check_kind<T>(k, 24, 4096, 128, seed += 10);  // 32 lanes per row, 4 chunks (the real o)
     check_kind<T>(k, 40, 96, 32, seed += 10);    // wide, 3 chunks per row
