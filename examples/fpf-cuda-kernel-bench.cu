@@ -53,58 +53,65 @@ void join_side(cudaStream_t st) {
   g_side_used = false;
 }
 
+// `iters` calls of f(st) captured into one CUDA graph on a new stream, after two calls outside it (plans, attributes,
+// lazy module loading); the side stream joined before each sync and before the capture ends.
+struct CallGraph {
+  cudaStream_t st{};
+  cudaGraph_t g{};
+  cudaGraphExec_t ge{};
+  CallGraph() = default;
+  CallGraph(const CallGraph&) = delete;
+  CallGraph& operator=(const CallGraph&) = delete;
+  ~CallGraph() {
+    if (ge) cudaGraphExecDestroy(ge);
+    if (g) cudaGraphDestroy(g);
+    if (st) cudaStreamDestroy(st);
+  }
+};
+template <class F>
+void capture_calls(F&& f, int iters, CallGraph& c) {
+  FPF_CUDA(cudaStreamCreateWithFlags(&c.st, cudaStreamNonBlocking));
+  for (int i = 0; i < 2; ++i) f(c.st);
+  join_side(c.st);
+  FPF_CUDA(cudaStreamSynchronize(c.st));
+  FPF_CUDA(cudaStreamBeginCapture(c.st, cudaStreamCaptureModeRelaxed));
+  for (int i = 0; i < iters; ++i) f(c.st);
+  join_side(c.st);
+  FPF_CUDA(cudaStreamEndCapture(c.st, &c.g));
+  FPF_CUDA(cudaGraphInstantiate(&c.ge, c.g, 0));
+}
+
 // Mean microseconds per call of f(stream), GPU side: `iters` calls captured into one CUDA graph (as a decode step
 // is), replayed 5 times after one warm-up replay. Host launch overhead is not in it; each launch's start-up on the
 // GPU and the gap to the previous kernel are, as in a decode step.
 template <class F>
 double time_us(F&& f, int iters) {
-  cudaStream_t st{};
-  FPF_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  for (int i = 0; i < 2; ++i) f(st);  // plans, attributes, lazy module loading: outside the capture
-  join_side(st);
-  FPF_CUDA(cudaStreamSynchronize(st));
-  cudaGraph_t g{};
-  cudaGraphExec_t ge{};
-  FPF_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
-  for (int i = 0; i < iters; ++i) f(st);
-  join_side(st);
-  FPF_CUDA(cudaStreamEndCapture(st, &g));
-  FPF_CUDA(cudaGraphInstantiate(&ge, g, 0));
-  FPF_CUDA(cudaGraphLaunch(ge, st));
+  CallGraph c;
+  capture_calls(f, iters, c);
+  FPF_CUDA(cudaGraphLaunch(c.ge, c.st));
   cudaEvent_t e0, e1;
   FPF_CUDA(cudaEventCreate(&e0));
   FPF_CUDA(cudaEventCreate(&e1));
-  FPF_CUDA(cudaEventRecord(e0, st));
-  for (int i = 0; i < 5; ++i) FPF_CUDA(cudaGraphLaunch(ge, st));
-  FPF_CUDA(cudaEventRecord(e1, st));
+  FPF_CUDA(cudaEventRecord(e0, c.st));
+  for (int i = 0; i < 5; ++i) FPF_CUDA(cudaGraphLaunch(c.ge, c.st));
+  FPF_CUDA(cudaEventRecord(e1, c.st));
   FPF_CUDA(cudaEventSynchronize(e1));
   float ms = 0;
   FPF_CUDA(cudaEventElapsedTime(&ms, e0, e1));
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
-  cudaGraphExecDestroy(ge);
-  cudaGraphDestroy(g);
-  cudaStreamDestroy(st);
   return 1e3 * ms / 5 / iters;
 }
 
-// --trace 1: one graph replay of `iters` calls of f with cuda::pdl_wait's trace on (after two replays without); prints
+// One graph replay of `iters` calls of f with cuda::pdl_wait's trace on (after two replays without); prints
 // each launch's shape and the mean gap from the time its block 0 leaves pdl_wait to the next launch's, per position
 // in the period of f (launches with the same shape in a row, a kernel's second wait, count once).
 template <class F>
 void trace_gaps(F&& f, int iters) {
-  cudaStream_t st{};
-  FPF_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  for (int i = 0; i < 2; ++i) f(st);
-  join_side(st);
-  FPF_CUDA(cudaStreamSynchronize(st));
-  cudaGraph_t g{};
-  cudaGraphExec_t ge{};
-  FPF_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
-  for (int i = 0; i < iters; ++i) f(st);
-  join_side(st);
-  FPF_CUDA(cudaStreamEndCapture(st, &g));
-  FPF_CUDA(cudaGraphInstantiate(&ge, g, 0));
+  CallGraph c;
+  capture_calls(f, iters, c);
+  const cudaStream_t st = c.st;
+  const cudaGraphExec_t ge = c.ge;
   for (int i = 0; i < 2; ++i) FPF_CUDA(cudaGraphLaunch(ge, st));
   FPF_CUDA(cudaStreamSynchronize(st));
   const unsigned cap = 1u << 16, zero = 0;
@@ -147,9 +154,6 @@ void trace_gaps(F&& f, int iters) {
     }
     std::printf("\n");
   }
-  cudaGraphExecDestroy(ge);
-  cudaGraphDestroy(g);
-  cudaStreamDestroy(st);
 }
 
 template <class V>

@@ -193,9 +193,9 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // earlier kernel has finished), and pdl_wait in a kernel launched that way returns at once, so the values never
 // depend on whether PDL is on: it changes when blocks start, not what they compute.
 #ifdef FPF_PDL_TRACE
-// Instrumentation for fpf-cuda-kernel-bench's --trace (defined in that program only): the GPU time at which block
-// (0, 0, 0) of each launch leaves pdl_wait, with the launch's shape. The gaps between launches are the time each
-// kernel adds to the chain.
+// Instrumentation for fpf-cuda-kernel-bench's layer trace (FPF_PDL_TRACE is defined in that program only): the GPU
+// times at which block (0, 0, 0) of each launch reaches and leaves pdl_wait, with the launch's shape. The gaps
+// between the launches' releases are the time each kernel adds to the chain.
 struct PdlTraceRec {
   unsigned long long t, arrive;  // leaving pdl_wait, reaching it
   unsigned gx, gy, gz, bx;

@@ -776,6 +776,17 @@ template <class T>
 bool router_gemv_fits(const T* X, const T* W, int M, int E, int K, int k) {
   return M >= 1 && M <= kGemvMaxRows && k <= kRouteMaxK && k <= E && vectorizable<T>(X, W, K) && E * sizeof(float) <= 32 * 1024;
 }
+// f(std::integral_constant<int, M>) for the router kernels' row count M, 1..8.
+template <class F>
+void router_rows(int M, F&& f) {
+  switch (M) {
+#define FPF_ROUTER_M(MM) \
+  case MM: return f(std::integral_constant<int, MM>{});
+    FPF_ROUTER_M(1) FPF_ROUTER_M(2) FPF_ROUTER_M(3) FPF_ROUTER_M(4) FPF_ROUTER_M(5) FPF_ROUTER_M(6) FPF_ROUTER_M(7) FPF_ROUTER_M(8)
+#undef FPF_ROUTER_M
+    default: throw Error("router_gemv", "1 to 8 rows");
+  }
+}
 // counter: one unsigned on the device, 0 before the first launch (k_router_gemv's; the cluster kernel needs none).
 template <class T>
 void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, bool norm, std::int32_t* ids, float* wts,
@@ -785,29 +796,17 @@ void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, 
     const unsigned warps = blocks_for(static_cast<std::size_t>(E), kRouterClusterMax);  // per block
     const unsigned blocks = blocks_for(static_cast<std::size_t>(E), warps);             // <= kRouterClusterMax
     const std::size_t smem = static_cast<std::size_t>(M + 1) * E * sizeof(float);
-    auto go = [&](auto* kern) {
-      launch_ex("router_cluster", kern, blocks, blocks, 32 * warps, smem, s, X, W, E, K, logits, k, nm, ids, wts);
-    };
-    switch (M) {
-#define FPF_ROUTER_M(MM) \
-  case MM: return go(k_router_cluster<T, MM>);
-      FPF_ROUTER_M(1) FPF_ROUTER_M(2) FPF_ROUTER_M(3) FPF_ROUTER_M(4) FPF_ROUTER_M(5) FPF_ROUTER_M(6) FPF_ROUTER_M(7) FPF_ROUTER_M(8)
-#undef FPF_ROUTER_M
-      default: throw Error("router_gemv", "1 to 8 rows");
-    }
+    return router_rows(M, [&](auto m) {
+      launch_ex("router_cluster", k_router_cluster<T, decltype(m)::value>, blocks, blocks, 32 * warps, smem, s, X, W, E, K,
+                logits, k, nm, ids, wts);
+    });
   }
   const unsigned blocks = blocks_for(static_cast<std::size_t>(E), kRouterWarps);
   const std::size_t smem = static_cast<std::size_t>(E) * sizeof(float);
-  auto go = [&](auto* kern) {
-    launch("router_gemv", kern, blocks, 32 * kRouterWarps, smem, s, X, W, E, K, logits, k, nm, ids, wts, counter);
-  };
-  switch (M) {
-#define FPF_ROUTER_M(MM) \
-  case MM: return go(k_router_gemv<T, MM>);
-    FPF_ROUTER_M(1) FPF_ROUTER_M(2) FPF_ROUTER_M(3) FPF_ROUTER_M(4) FPF_ROUTER_M(5) FPF_ROUTER_M(6) FPF_ROUTER_M(7) FPF_ROUTER_M(8)
-#undef FPF_ROUTER_M
-    default: throw Error("router_gemv", "1 to 8 rows");
-  }
+  router_rows(M, [&](auto m) {
+    launch("router_gemv", k_router_gemv<T, decltype(m)::value>, blocks, 32 * kRouterWarps, smem, s, X, W, E, K, logits, k, nm,
+           ids, wts, counter);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
