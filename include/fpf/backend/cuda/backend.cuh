@@ -198,6 +198,9 @@ class Impl {
   ~Impl() {
     graphs_by_key_.clear();
     if (stream_) cudaStreamDestroy(stream_);
+    if (side_) cudaStreamDestroy(side_);
+    if (fork_ev_) cudaEventDestroy(fork_ev_);
+    if (join_ev_) cudaEventDestroy(join_ev_);
   }
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;

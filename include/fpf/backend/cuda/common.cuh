@@ -262,6 +262,24 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// The current device's attributes that kernels' launchers choose by, queried once per device.
+struct DeviceInfo {
+  int id = 0, sms = 0, major = 0, smem_optin = 0;
+};
+inline const DeviceInfo& device_info() {
+  static DeviceInfo info[64];
+  int dev = 0;
+  FPF_CUDA(cudaGetDevice(&dev));
+  DeviceInfo& d = info[dev & 63];
+  if (d.sms == 0) {
+    d.id = dev;
+    FPF_CUDA(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+    FPF_CUDA(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    FPF_CUDA(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  }
+  return d;
+}
+
 // Whether cuda::launch asks for PDL: on sm_90 (the build's native code there holds griddepcontrol; other GPUs run
 // the PTX for sm_80, which has none) unless FPF_PDL=0. Tests flip it to compare both.
 inline bool& pdl_enabled() {

@@ -544,23 +544,6 @@ inline CUtensorMap tensor_map(const T* p, std::uint64_t rows, int K, int box_row
   return m;
 }
 
-struct DeviceInfo {
-  int id = 0, sms = 0, major = 0, smem_optin = 0;
-};
-inline const DeviceInfo& device_info() {
-  static DeviceInfo info[64];
-  int dev = 0;
-  FPF_CUDA(cudaGetDevice(&dev));
-  DeviceInfo& d = info[dev & 63];
-  if (d.sms == 0) {
-    d.id = dev;
-    FPF_CUDA(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
-    FPF_CUDA(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    FPF_CUDA(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
-  }
-  return d;
-}
-
 template <class T>
 inline bool wgmma_built() {  // the sm_90a body is in this binary (see k_gg_wgmma)
   static const bool built = [] {

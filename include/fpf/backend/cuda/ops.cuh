@@ -763,11 +763,7 @@ __global__ void __launch_bounds__(32 * kRouterClusterWarps)
 }
 // Whether router_gemv takes k_router_cluster (else k_router_gemv): on sm_90 for E <= 128. Tests flip it to compare.
 inline bool& router_cluster_enabled() {
-  static bool on = [] {
-    int dev = 0, major = 0;
-    return cudaGetDevice(&dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
-  }();
+  static bool on = device_info().major == 9;
   return on;
 }
 
@@ -852,14 +848,7 @@ __global__ void k_prefetch_l2(PrefetchList w, T* const* __restrict__ kc, T* cons
 #endif
 }
 // Whether the device has the bulk prefetch (sm_90); prefetch_l2 launches nothing elsewhere.
-inline bool prefetch_l2_available() {
-  static const bool sm90 = [] {
-    int dev = 0, major = 0;
-    return cudaGetDevice(&dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
-  }();
-  return sm90;
-}
+inline bool prefetch_l2_available() { return device_info().major == 9; }
 template <class T>
 void prefetch_l2(const PrefetchList& w, T* const* kc, T* const* vc, const std::int32_t* row_seq, const std::int32_t* row_pos,
                  int rows, int kv_dim, cudaStream_t s) {

@@ -757,14 +757,8 @@ class Weight {
       auto* k = k_qmma<T, Mode>;
       if constexpr (Mode == kCombine) {
         // The narrow variant's registers leave one block per multiprocessor: only where the grid is one wave.
-        static const int sms = [] {
-          int dev = 0, n = 0;
-          FPF_CUDA(cudaGetDevice(&dev));
-          FPF_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-          return n;
-        }();
         if (pair * KS <= 8 && blocks_for(static_cast<std::size_t>(rows), 16) * static_cast<std::size_t>(slots / pair) <=
-                                   static_cast<std::size_t>(sms))
+                                   static_cast<std::size_t>(device_info().sms))
           k = k_qmma<T, Mode, true>;
       }
       if (smem + sizeof(MmaShared) > 48 * 1024)  // past the default limit (static + dynamic): opt in
