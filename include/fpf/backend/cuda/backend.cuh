@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
@@ -254,8 +255,12 @@ class Impl {
       meta.insert(meta.end(), row_pos.begin(), row_pos.end());
       meta.insert(meta.end(), cap_rows.begin(), cap_rows.end());
       meta.insert(meta.end(), cap_of_row.begin(), cap_of_row.end());
+      // Through page-locked memory, asynchronously on the step's stream (before its first kernel): the buffer is
+      // rewritten only by the next forward, after this one has synchronized.
       moved |= meta_.resize(meta.size());
-      meta_.upload(meta.data(), meta.size());
+      meta_host_.reserve(meta.size());
+      std::copy(meta.begin(), meta.end(), meta_host_.get());
+      FPF_CUDA(cudaMemcpyAsync(meta_.get(), meta_host_.get(), meta.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream_));
     }
     const std::int32_t* d_ids = meta_.get();
     const std::int32_t* d_seq = d_ids + R;
@@ -292,19 +297,24 @@ class Impl {
     }
     const std::set<int> tapped(spec.layers.begin(), spec.layers.end());
     const std::size_t tap_block = static_cast<std::size_t>(Nc) * (H + kv_dim);
-    moved |= stage_.resize(tapped.size() * tap_block + 1);
-    // Tapped layer t's block of stage_: [Nc, H] hidden states, then [Nc, kv_dim] keys. The taps are copied inside the
+    // What the host reads back, in one device buffer (one copy per step): the taps' stage, the top-k log-probs, the
+    // top-k ids and the argmaxes (int32 in the buffer's 4-byte words).
+    const std::size_t n_stage = tapped.size() * tap_block, n_lp = static_cast<std::size_t>(Nc) * spec.topk,
+                      n_top = static_cast<std::size_t>(Nc) * (spec.topk + 1), n_out = n_stage + n_lp + n_top;
+    moved |= out_.resize(n_out);
+    float* const d_stage = out_.get();
+    float* const d_top_lp = d_stage + n_stage;
+    std::int32_t* const d_top = reinterpret_cast<std::int32_t*>(d_top_lp + n_lp);
+    // Tapped layer t's block of the stage: [Nc, H] hidden states, then [Nc, kv_dim] keys. The taps are copied inside the
     // kernels that read or write those values (no launch of their own): the hidden state after layer t by the next
     // RMSNorm that reads it (layer t + 1's input norm, or the final norm), layer t's keys by its q/k norm + RoPE.
     auto tap_block_of = [&](int t) -> float* {
       const auto it = tapped.find(t);
       if (it == tapped.end()) return nullptr;
-      return stage_.get() + static_cast<std::size_t>(std::distance(tapped.begin(), it)) * tap_block;
+      return d_stage + static_cast<std::size_t>(std::distance(tapped.begin(), it)) * tap_block;
     };
     moved |= hc_.resize(static_cast<std::size_t>(Nc) * H);
     moved |= logits_.resize(static_cast<std::size_t>(Nc) * V);
-    moved |= top_.resize(static_cast<std::size_t>(Nc) * (spec.topk + 1));
-    moved |= top_lp_.resize(static_cast<std::size_t>(Nc) * spec.topk);
     moved |= lsm_.reserve(Nc, V, spec.topk);
 
     const cudaStream_t st = stream_;
@@ -393,9 +403,8 @@ class Impl {
     // The final norm's block i reads capture i's row: the last layer's tap takes it as is.
     ops::rmsnorm<T>(x_.get(), d_cap, final_norm_.get(), hc_.get(), Nc, H, eps, st, {tap_block_of(cfg_.num_hidden_layers), nullptr});
     gemm_.linear<T>(hc_.get(), Nc, lm_head(), static_cast<int>(V), H, logits_.get(), st);
-    std::int32_t* d_top = top_.get();
     std::int32_t* d_arg = d_top + static_cast<std::size_t>(Nc) * spec.topk;
-    ops::log_softmax_topk<T>(logits_.get(), Nc, V, spec.topk, d_top, top_lp_.get(), d_arg, lsm_, st);
+    ops::log_softmax_topk<T>(logits_.get(), Nc, V, spec.topk, d_top, d_top_lp, d_arg, lsm_, st);
     if (side_used) {
       FPF_CUDA(cudaEventRecord(join_ev_, side_));
       FPF_CUDA(cudaStreamWaitEvent(st, join_ev_));
@@ -417,9 +426,13 @@ class Impl {
       run();
     }
     timer_.report(R);
-    const std::vector<float> stage = stage_.download(tapped.size() * tap_block);
-    const std::vector<std::int32_t> top = top_.download(static_cast<std::size_t>(Nc) * (spec.topk + 1));
-    const std::vector<float> top_lp = top_lp_.download(static_cast<std::size_t>(Nc) * spec.topk);
+    out_host_.reserve(n_out);
+    FPF_CUDA(cudaMemcpyAsync(out_host_.get(), out_.get(), n_out * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    FPF_CUDA(cudaStreamSynchronize(stream_));
+    const float* const stage = out_host_.get();
+    const std::vector<float> top_lp(stage + n_stage, stage + n_stage + n_lp);
+    std::vector<std::int32_t> top(n_top);
+    std::memcpy(top.data(), stage + n_stage + n_lp, n_top * sizeof(std::int32_t));
 
     std::vector<Captured> out(static_cast<std::size_t>(B));
     int ci = 0;
@@ -429,7 +442,7 @@ class Impl {
         taps::PositionSignals& ps = out[static_cast<std::size_t>(b)][p0[b] + t];
         int lj = 0;
         for (int layer : tapped) {
-          const float* st = stage.data() + static_cast<std::size_t>(lj++) * tap_block;
+          const float* st = stage + static_cast<std::size_t>(lj++) * tap_block;
           ps.hidden[layer].assign(st + static_cast<std::size_t>(ci) * H, st + static_cast<std::size_t>(ci + 1) * H);
           const float* ks = st + static_cast<std::size_t>(Nc) * H;
           ps.keys[layer].assign(ks + static_cast<std::size_t>(ci) * kv_dim, ks + static_cast<std::size_t>(ci + 1) * kv_dim);
@@ -747,10 +760,13 @@ class Impl {
   int batch_ = 0, table_batch_ = -1;
   bool tables_dirty_ = true;
   DeviceBuffer<T*> kptr_, vptr_;
-  DeviceBuffer<std::int32_t> meta_, route_ids_, top_;
+  DeviceBuffer<std::int32_t> meta_, route_ids_;
+  HostBuffer<std::int32_t> meta_host_;  // meta_'s upload
+  DeviceBuffer<float> out_;             // the step's read-back (see forward)
+  HostBuffer<float> out_host_;
   DeviceBuffer<unsigned> router_count_;  // ops::router_gemv's last-block counter
   ops::LsmScratch lsm_;                   // ops::log_softmax_topk's scratch
-  DeviceBuffer<float> route_wts_, stage_, top_lp_, attn_scratch_, prefill_s_;
+  DeviceBuffer<float> route_wts_, attn_scratch_, prefill_s_;
   DeviceBuffer<T> prefill_p_;
   DeviceBuffer<T> x_, h_, tmp_, qkv_, att_, gu_, act_, ye_, xg_, rlogits_, hc_, logits_;
   DeviceBuffer<T> wscratch_;  // a packed matrix dequantized for the prefill product

@@ -106,6 +106,32 @@ class DeviceBuffer {
   std::size_t n_ = 0;
 };
 
+// Page-locked host memory (cudaMallocHost), so that copies to and from the device are direct DMA and may be
+// asynchronous. reserve() grows only (dropping the contents).
+template <class T>
+class HostBuffer {
+ public:
+  HostBuffer() = default;
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  ~HostBuffer() {
+    if (p_ != nullptr) cudaFreeHost(p_);
+  }
+  void reserve(std::size_t n) {
+    if (n <= n_) return;
+    if (p_ != nullptr) cudaFreeHost(p_);
+    p_ = nullptr, n_ = 0;
+    void* p = nullptr;
+    check(cudaMallocHost(&p, n * sizeof(T)), "cudaMallocHost");
+    p_ = static_cast<T*>(p), n_ = n;
+  }
+  T* get() const { return p_; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
 // Host-to-device copies of large pageable data (mmapped checkpoints, repacked weights) through two pinned staging
 // buffers: the host copy into one buffer overlaps the DMA out of the other. Pageable cudaMemcpy stages through the
 // driver's own small buffer, which is several times slower at this size.
