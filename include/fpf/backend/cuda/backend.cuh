@@ -430,8 +430,8 @@ class Impl {
     FPF_CUDA(cudaMemcpyAsync(out_host_.get(), out_.get(), n_out * sizeof(float), cudaMemcpyDeviceToHost, stream_));
     FPF_CUDA(cudaStreamSynchronize(stream_));
     const float* const stage = out_host_.get();
-    const std::vector<float> top_lp(stage + n_stage, stage + n_stage + n_lp);
-    std::vector<std::int32_t> top(n_top);
+    const float* const top_lp = stage + n_stage;
+    std::vector<std::int32_t> top(n_top);  // the int32 words, copied out of the float buffer
     std::memcpy(top.data(), stage + n_stage + n_lp, n_top * sizeof(std::int32_t));
 
     std::vector<Captured> out(static_cast<std::size_t>(B));
@@ -449,8 +449,8 @@ class Impl {
         }
         ps.logprobs.token_ids.assign(top.begin() + static_cast<std::ptrdiff_t>(ci) * spec.topk,
                                      top.begin() + static_cast<std::ptrdiff_t>(ci + 1) * spec.topk);
-        ps.logprobs.log_probs.assign(top_lp.begin() + static_cast<std::ptrdiff_t>(ci) * spec.topk,
-                                     top_lp.begin() + static_cast<std::ptrdiff_t>(ci + 1) * spec.topk);
+        ps.logprobs.log_probs.assign(top_lp + static_cast<std::ptrdiff_t>(ci) * spec.topk,
+                                     top_lp + static_cast<std::ptrdiff_t>(ci + 1) * spec.topk);
         ps.argmax = top[static_cast<std::size_t>(Nc) * spec.topk + static_cast<std::size_t>(ci)];
       }
       seqs_[b].len += Tn;

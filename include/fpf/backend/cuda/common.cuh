@@ -139,7 +139,7 @@ class PinnedUploader {
  public:
   explicit PinnedUploader(std::size_t buffer_bytes = 64u << 20) : kBuffer(buffer_bytes) {
     for (int i = 0; i < 2; ++i) {
-      check(cudaHostAlloc(&buf_[i], kBuffer, cudaHostAllocDefault), "cudaHostAlloc (staging)");
+      buf_[i].reserve(kBuffer);
       check(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming), "cudaEventCreate");
     }
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -147,8 +147,8 @@ class PinnedUploader {
   PinnedUploader(const PinnedUploader&) = delete;
   PinnedUploader& operator=(const PinnedUploader&) = delete;
   ~PinnedUploader() {
-    cudaStreamSynchronize(stream_);
-    for (int i = 0; i < 2; ++i) cudaFreeHost(buf_[i]), cudaEventDestroy(done_[i]);
+    cudaStreamSynchronize(stream_);  // before the buffers are freed (after this body)
+    for (int i = 0; i < 2; ++i) cudaEventDestroy(done_[i]);
     cudaStreamDestroy(stream_);
   }
   void copy(void* dst, const void* src, std::size_t bytes) {
@@ -157,8 +157,8 @@ class PinnedUploader {
     for (std::size_t done = 0; done < bytes;) {
       const std::size_t n = std::min(kBuffer, bytes - done);
       check(cudaEventSynchronize(done_[cur_]), "cudaEventSynchronize");  // this buffer's previous DMA has finished
-      std::memcpy(buf_[cur_], h + done, n);
-      check(cudaMemcpyAsync(d + done, buf_[cur_], n, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+      std::memcpy(buf_[cur_].get(), h + done, n);
+      check(cudaMemcpyAsync(d + done, buf_[cur_].get(), n, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
       check(cudaEventRecord(done_[cur_], stream_), "cudaEventRecord");
       cur_ ^= 1;
       done += n;
@@ -169,7 +169,7 @@ class PinnedUploader {
 
  private:
   std::size_t kBuffer;
-  void* buf_[2] = {nullptr, nullptr};
+  HostBuffer<std::byte> buf_[2];
   cudaEvent_t done_[2]{};
   cudaStream_t stream_{};
   int cur_ = 0;
