@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <type_traits>
@@ -426,6 +427,52 @@ void test_router_gemv(int E, int k, int K, std::uint32_t seed) {
   ops::router_cluster_enabled() = cluster_default;
 }
 
+// route_row_warp (k_router_cluster's routing by one warp, in registers) against route_row (the block's) bit for bit,
+// on one launch that runs both over the same logits.
+__global__ void k_route_both(const float* lg, int E, int k, int norm, std::int32_t* ia, float* wa, std::int32_t* ib, float* wb) {
+  extern __shared__ float p[];
+  __shared__ ops::RouteSmem sm;
+  const float* x = lg + static_cast<std::size_t>(blockIdx.x) * E;
+  ops::route_row([&](int e) { return x[e]; }, E, k, norm, p, sm, ia + blockIdx.x * k, wa + blockIdx.x * k);
+  if (threadIdx.x < 32) ops::route_row_warp([&](int e) { return x[e]; }, E, k, norm, ib + blockIdx.x * k, wb + blockIdx.x * k);
+}
+
+// Logits of four kinds: random; integers (many ties, the lower id wins); NaN entries (row 0 all NaN: every p is NaN,
+// so every key ties); -inf, +-0 and -200 entries (p = 0 exactly after exp underflows: ties at zero, above NaN).
+void test_route_row_warp(std::uint32_t seed) {
+  const int rows = 16;
+  for (int E : {1, 7, 60, 128})
+    for (int k : {1, 4, 8, 32}) {
+      if (k > E) continue;
+      for (int norm : {0, 1})
+        for (int kind = 0; kind < 4; ++kind) {
+          CAPTURE(E);
+          CAPTURE(k);
+          CAPTURE(norm);
+          CAPTURE(kind);
+          std::vector<float> lg = randn(static_cast<std::size_t>(rows) * E, seed + static_cast<std::uint32_t>(E * 64 + k), 3.0f);
+          for (int r = 0; r < rows; ++r)
+            for (int e = 0; e < E; ++e) {
+              float& v = lg[static_cast<std::size_t>(r) * E + e];
+              if (kind == 1) v = std::round(v);
+              if (kind == 2 && (r == 0 || e % 5 == r % 5)) v = std::numeric_limits<float>::quiet_NaN();
+              if (kind == 3 && e % 4 == r % 4) v = (e % 3 == 0) ? -std::numeric_limits<float>::infinity() : (e % 3 == 1) ? -200.0f : (r % 2 ? 0.0f : -0.0f);
+            }
+          auto d = to_device(lg);
+          const std::size_t n = static_cast<std::size_t>(rows) * k;
+          DeviceBuffer<std::int32_t> ia(n), ib(n);
+          DeviceBuffer<float> wa(n), wb(n);
+          FPF_CUDA(cudaMemset(ib.get(), 0xff, n * sizeof(std::int32_t)));
+          FPF_CUDA(cudaMemset(wb.get(), 0xff, n * sizeof(float)));
+          k_route_both<<<rows, 128, E * sizeof(float)>>>(d.get(), E, k, norm, ia.get(), wa.get(), ib.get(), wb.get());
+          FPF_CUDA(cudaGetLastError());
+          FPF_CUDA(cudaDeviceSynchronize());
+          CHECK(ib.download(n) == ia.download(n));
+          CHECK(fpf::testing::bit_differences(wb.download(n), wa.download(n)) == 0);
+        }
+    }
+}
+
 // ops::route_group against a host stable counting sort: every slot at its expert's start (or e * Mmax when padded)
 // plus its rank among the earlier slots of the same expert; padding rows -1; offsets, Mmax and the choice.
 void test_route_group(int P, int E, bool skewed, bool allow_pad, std::uint32_t seed) {
@@ -568,6 +615,7 @@ void all_ops(std::uint32_t seed) {
   test_router_gemv<T>(128, 8, 2048, seed + 66);
   test_router_gemv<T>(60, 4, 64, seed + 67);
   if constexpr (std::is_same_v<T, float>) {
+    test_route_row_warp(seed + 68);
     for (bool pad : {true, false}) {
       test_route_group(48000, 128, false, pad, seed + 62);
       test_route_group(1000, 128, true, pad, seed + 63);

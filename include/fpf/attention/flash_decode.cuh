@@ -270,16 +270,18 @@ __global__ void __launch_bounds__(2 * C) k_flash_decode_tc(CudaArgs<T> a) {
   }
   if (fresh) cuda::pdl_wait();
   const int nb = min(C, n - j0), ntiles = (nb + 15) / 16;
+  // Evict first: a decode step reads the cached keys and values once (common.cuh).
+  const std::uint64_t pol = cuda::l2_evict_first();
   for (int i = threadIdx.x; i < C * VPR; i += blockDim.x) {
     const int row = i / VPR, c = i % VPR;
     const bool ok = row < nb;
-    tc_cp_async16(Ks + row * kS + 8 * c, K + (ok ? row : 0) * kv_stride + 8 * c, ok);
+    cuda::cp_async16_hint(Ks + row * kS + 8 * c, K + (ok ? row : 0) * kv_stride + 8 * c, ok, pol);
   }
   cp_async_commit();
   for (int i = threadIdx.x; i < C * VPR; i += blockDim.x) {
     const int row = i / VPR, c = i % VPR;
     const bool ok = row < nb;
-    tc_cp_async16(Vs + row * kS + 8 * c, V + (ok ? row : 0) * kv_stride + 8 * c, ok);
+    cuda::cp_async16_hint(Vs + row * kS + 8 * c, V + (ok ? row : 0) * kv_stride + 8 * c, ok, pol);
   }
   cp_async_commit();
   cuda::pdl_begin();

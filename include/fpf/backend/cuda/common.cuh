@@ -257,6 +257,39 @@ __device__ __forceinline__ void pdl_begin() {
   pdl_trigger();
 }
 
+// ---- L2 eviction policy for decode's streaming reads (sm_80+) ----
+// A decode step reads each weight and each cached key / value once, and the next read of the same bytes is a whole
+// step (gigabytes) later: they are loaded with an evict-first policy, so that these streams do not push out of L2
+// what the decode's L2 prefetch brought in for the next kernels (the next layer's KV caches and weights).
+__device__ __forceinline__ std::uint64_t l2_evict_first() {
+  std::uint64_t pol = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+#endif
+  return pol;
+}
+// 16 bytes, zero-filled where !valid (src must still be a valid address), with an L2 policy.
+__device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, bool valid, std::uint64_t pol) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0),
+               "l"(pol)
+               : "memory");
+#endif
+}
+// 16 bytes by a non-coherent load with an L2 policy (data no kernel of the step writes).
+__device__ __forceinline__ uint4 ldg16(const uint4* p, std::uint64_t pol) {
+  uint4 v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(pol));
+#else
+  v = *p;
+#endif
+  return v;
+}
+
 // ---- thread-block clusters (sm_90; call only from code compiled for it) ----
 // Raw PTX: cooperative_groups' header brings a namespace `cuda` that clashes with fpf::cuda.
 __device__ __forceinline__ unsigned cluster_rank() {  // this block's rank in its cluster

@@ -463,14 +463,17 @@ __global__ void __launch_bounds__(Mode == kCombine && !Narrow ? 32 * kMmaMaxWarp
   uint4 q0[Depth], q1[Depth];
   float s0[Depth], s1[Depth];
   std::uint32_t z0[Depth], z1[Depth];
+  // The codes with an evict-first policy: a decode step reads them once (common.cuh); 0.6-0.9 us less per layer in
+  // the layer bench, as it keeps the L2 prefetch's bytes (the next layer's KV and weights) in L2.
+  const std::uint64_t pol = l2_evict_first();
   auto load = [&](int j, int i) {
     const int c = ks + KS * i, gi = c / gpc;
     q0[j] = q1[j] = make_uint4(0u, 0u, 0u, 0u);
     s0[j] = s1[j] = 0.0f;
     z0[j] = z1[j] = 0u;
     if (i >= nc) return;
-    if (v0) q0[j] = __ldg(w0 + 4 * c), s0[j] = __ldg(s0p + gi), z0[j] = __ldg(z0p + gi);
-    if (v1) q1[j] = __ldg(w1 + 4 * c), s1[j] = __ldg(s1p + gi), z1[j] = __ldg(z1p + gi);
+    if (v0) q0[j] = ldg16(w0 + 4 * c, pol), s0[j] = __ldg(s0p + gi), z0[j] = __ldg(z0p + gi);
+    if (v1) q1[j] = ldg16(w1 + 4 * c, pol), s1[j] = __ldg(s1p + gi), z1[j] = __ldg(z1p + gi);
   };
 #pragma unroll
   for (int j = 0; j < Depth; ++j) load(j, j);
