@@ -403,24 +403,30 @@ template <class Logit>
 __device__ void route_row_warp(Logit logit, int E, int k, int norm, std::int32_t* __restrict__ ids, float* __restrict__ wts) {
   constexpr int J = kRouteWarpMaxE / 32;
   const int lane = threadIdx.x & 31;
+  // Branch-free, so that the four experts' chains interleave (one warp runs this alone: its time is its latency;
+  // with a branch per expert the softmax took ~4000 cycles). An expert past E reads as -inf (the max is unchanged)
+  // and adds +0 to the sum after the lane's real experts (the sum's bits are unchanged).
   float v[J];
   float m = -INFINITY;
+  unsigned left = 0;  // bit j while expert lane + 32 j is a real, unpicked one
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    const int e = lane + 32 * j;
-    v[j] = e < E ? logit(e) : 0.0f;
-    if (e < E) m = fmaxf(m, v[j]);
+    const bool real = lane + 32 * j < E;
+    v[j] = real ? logit(lane + 32 * j) : -INFINITY;
+    m = fmaxf(m, v[j]);
+    left |= real ? 1u << j : 0u;
   }
   m = warp_max(m);
   float sum = 0.0f;
 #pragma unroll
-  for (int j = 0; j < J; ++j)
-    if (lane + 32 * j < E) v[j] = expf(v[j] - m), sum += v[j];
+  for (int j = 0; j < J; ++j) v[j] = expf(v[j] - m);
+#pragma unroll
+  for (int j = 0; j < J; ++j) sum += (left >> j) & 1u ? v[j] : 0.0f;
   sum = warp_sum(sum);
-  unsigned key[J], left = 0;  // left: bit j while expert lane + 32 j is unpicked
+  unsigned key[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    if (lane + 32 * j < E) v[j] = v[j] / sum, left |= 1u << j;
+    v[j] = v[j] / sum;
     key[j] = v[j] >= 0.0f ? __float_as_uint(v[j]) + 1u : 0u;
   }
   int pick = 0;
