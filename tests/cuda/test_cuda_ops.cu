@@ -438,7 +438,7 @@ __global__ void k_route_both(const float* lg, int E, int k, int norm, std::int32
 }
 
 // Logits of four kinds: random; integers (many ties, the lower id wins); NaN entries (row 0 all NaN: every p is NaN,
-// so every key ties); -inf, +-0 and -200 entries (p = 0 exactly after exp underflows: ties at zero, above NaN).
+// so every key ties); -inf, +-0 and -200 entries (p = 0 exactly after exp underflows: ties at zero).
 void test_route_row_warp(std::uint32_t seed) {
   const int rows = 16;
   for (int E : {1, 7, 60, 128})
