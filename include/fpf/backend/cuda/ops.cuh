@@ -393,8 +393,8 @@ __device__ void route_row(Logit logit, int E, int k, int norm, float* p, RouteSm
 //   1. p = softmax as route_row: the max (exact in any order), exp(logit - max), the sum as route_row's warp 0 takes
 //      it (lane l adds its experts in ascending order, then warp_sum), p / sum.
 //   2. k rounds of an arg-max over the unpicked experts, p descending, ties to the lower id, NaN below every number:
-//      the key is p's bits + 1 (p >= 0, so the bits order as the values) or 0 for NaN; __reduce_max_sync takes the
-//      best key, __reduce_min_sync the lowest id holding it. Round r's pick is route_row's rank-r pick.
+//      each lane's experts sorted by key once; __reduce_max_sync takes the best first key, __reduce_min_sync the
+//      lowest id holding it, its lane drops it. Round r's pick is route_row's rank-r pick.
 //   3. Lane r keeps pick r; the renormalising sum in pick order and each pick's place among the picked ids by
 //      shuffles, as route_row.
 // Every lane of the warp calls it.
@@ -408,7 +408,7 @@ __device__ void route_row_warp(Logit logit, int E, int k, int norm, std::int32_t
   // and adds +0 to the sum after the lane's real experts (the sum's bits are unchanged).
   float v[J];
   float m = -INFINITY;
-  unsigned left = 0;  // bit j while expert lane + 32 j is a real, unpicked one
+  unsigned left = 0;  // bit j: expert lane + 32 j is a real one (< E)
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     const bool real = lane + 32 * j < E;
@@ -423,26 +423,38 @@ __device__ void route_row_warp(Logit logit, int E, int k, int norm, std::int32_t
 #pragma unroll
   for (int j = 0; j < J; ++j) sum += (left >> j) & 1u ? v[j] : 0.0f;
   sum = warp_sum(sum);
-  unsigned key[J];
+  // Keys: 0 for an expert past E (never picked: k <= E), 1 for NaN, p's bits + 2 (p >= 0: the bits order as the
+  // values). The lane's four sorted by (key descending, id ascending), a total order, so its best unpicked expert is
+  // always its first: a round is two warp reductions and a shift.
+  unsigned key[J], id[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     v[j] = v[j] / sum;
-    key[j] = v[j] >= 0.0f ? __float_as_uint(v[j]) + 1u : 0u;
+    key[j] = (left >> j) & 1u ? (v[j] >= 0.0f ? __float_as_uint(v[j]) + 2u : 1u) : 0u;
+    id[j] = static_cast<unsigned>(lane + 32 * j);
   }
+  auto order = [&](int a, int b) {  // a before b
+    if (key[b] > key[a] || (key[b] == key[a] && id[b] < id[a])) {
+      const unsigned tk = key[a], ti = id[a];
+      const float tv = v[a];
+      key[a] = key[b], id[a] = id[b], v[a] = v[b];
+      key[b] = tk, id[b] = ti, v[b] = tv;
+    }
+  };
+  order(0, 1), order(2, 3), order(0, 2), order(1, 3), order(1, 2);
   int pick = 0;
   float pick_w = 0.0f;
   for (int r = 0; r < k; ++r) {
-    unsigned bk = 0;
-    int bj = -1;
-    float bv = 0.0f;
+    const unsigned top = __reduce_max_sync(0xffffffffu, key[0]);
+    const unsigned pid = __reduce_min_sync(0xffffffffu, key[0] == top ? id[0] : 0xffffffffu);
+    const int owner = static_cast<int>(pid & 31u);
+    const float w = __shfl_sync(0xffffffffu, v[0], owner);
+    if (lane == owner) {
 #pragma unroll
-    for (int j = 0; j < J; ++j)  // ascending j is ascending id: a tie keeps the lower
-      if (((left >> j) & 1u) && (bj < 0 || key[j] > bk)) bk = key[j], bj = j, bv = v[j];
-    const unsigned top = __reduce_max_sync(0xffffffffu, bj >= 0 ? bk : 0u);
-    const unsigned id = __reduce_min_sync(0xffffffffu, bj >= 0 && bk == top ? static_cast<unsigned>(lane + 32 * bj) : 0xffffffffu);
-    const float w = __shfl_sync(0xffffffffu, bv, static_cast<int>(id & 31u));
-    if (lane == static_cast<int>(id & 31u)) left &= ~(1u << (id >> 5));
-    if (lane == r) pick = static_cast<int>(id), pick_w = w;
+      for (int j = 0; j + 1 < J; ++j) key[j] = key[j + 1], id[j] = id[j + 1], v[j] = v[j + 1];
+      key[J - 1] = 0u;
+    }
+    if (lane == r) pick = static_cast<int>(pid), pick_w = w;
   }
   float tot = 0.0f;
   int pos = 0;
