@@ -219,6 +219,7 @@ class Impl {
     const int q_dim = nh * D, kv_dim = nkv * D, qkv_dim = q_dim + 2 * kv_dim;
     const float eps = static_cast<float>(cfg_.rms_norm_eps);
     const long long V = cfg_.vocab_size;
+    const auto t_entry = std::chrono::steady_clock::now();
 
     // ---- rows: every sequence's new tokens, concatenated ----
     std::vector<std::int32_t> ids, row_seq, row_pos, cap_rows, cap_of_row;  // capture i's row; row r's capture or -1
@@ -245,6 +246,7 @@ class Impl {
       ensure_capacity(seqs_[b], p0[b] + Tn);
     }
     bool moved = upload_cache_tables();  // a buffer a captured graph points into was reallocated
+    std::size_t n_meta = 0;
     const int R = static_cast<int>(ids.size()), Nc = static_cast<int>(cap_rows.size());
     if (R == 0) throw Error("forward", "no tokens given");
     {
@@ -255,12 +257,12 @@ class Impl {
       meta.insert(meta.end(), row_pos.begin(), row_pos.end());
       meta.insert(meta.end(), cap_rows.begin(), cap_rows.end());
       meta.insert(meta.end(), cap_of_row.begin(), cap_of_row.end());
-      // Through page-locked memory, asynchronously on the step's stream (before its first kernel): the buffer is
-      // rewritten only by the next forward, after this one has synchronized.
+      // Uploaded from page-locked memory by the step's first operation (run below; a kernel in a decode step's graph,
+      // ops::copy_words): the buffer is rewritten only by the next forward, after this one has synchronized.
       moved |= meta_.resize(meta.size());
-      meta_host_.reserve(meta.size());
+      moved |= meta_host_.reserve(meta.size());
       std::copy(meta.begin(), meta.end(), meta_host_.get());
-      FPF_CUDA(cudaMemcpyAsync(meta_.get(), meta_host_.get(), meta.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream_));
+      n_meta = meta.size();
     }
     const std::int32_t* d_ids = meta_.get();
     const std::int32_t* d_seq = d_ids + R;
@@ -290,6 +292,7 @@ class Impl {
     // The kernels read each row's own key count (row_pos) on the device; the extra chunks are empty and add exact
     // zeros, so the values do not depend on it.
     const bool decode = R <= attn::kSplitMaxRows;
+    const bool as_graph = decode && graphs_ && !timer_.on();  // the step replays a captured graph
     int kernel_keys = max_keys;
     if (decode) {
       for (int b = 0; b < B; ++b) kernel_keys = std::max(kernel_keys, seqs_[b].capacity);
@@ -302,6 +305,7 @@ class Impl {
     const std::size_t n_stage = tapped.size() * tap_block, n_lp = static_cast<std::size_t>(Nc) * spec.topk,
                       n_top = static_cast<std::size_t>(Nc) * (spec.topk + 1), n_out = n_stage + n_lp + n_top;
     moved |= out_.resize(n_out);
+    moved |= out_host_.reserve(n_out);
     float* const d_stage = out_.get();
     float* const d_top_lp = d_stage + n_stage;
     std::int32_t* const d_top = reinterpret_cast<std::int32_t*>(d_top_lp + n_lp);
@@ -344,6 +348,10 @@ class Impl {
     // Everything from the embedding to the top-k: in decode a fixed sequence of kernels (no host round trip).
     auto run = [&] {
     side_used = false;
+    if (as_graph)
+      ops::copy_words(meta_host_.get(), meta_.get(), n_meta, st);
+    else
+      FPF_CUDA(cudaMemcpyAsync(meta_.get(), meta_host_.get(), n_meta * sizeof(std::int32_t), cudaMemcpyHostToDevice, st));
     ops::embed<T>(d_ids, R, embed_.get(), x_.get(), H, st);
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       LayerW<T>& L = layers_[static_cast<std::size_t>(l)];
@@ -409,11 +417,16 @@ class Impl {
       FPF_CUDA(cudaEventRecord(join_ev_, side_));
       FPF_CUDA(cudaStreamWaitEvent(st, join_ev_));
     }
+    // The step's one read-back, into page-locked memory.
+    if (as_graph)
+      ops::copy_words(out_.get(), out_host_.get(), n_out, st);
+    else
+      FPF_CUDA(cudaMemcpyAsync(out_host_.get(), out_.get(), n_out * sizeof(float), cudaMemcpyDeviceToHost, st));
     timer_.mark("taps+head");
     };
 
     timer_.start();
-    if (decode && graphs_ && !timer_.on()) {
+    if (as_graph) {
       const std::vector<long long> key{R, B, Nc, spec.topk, kernel_keys, static_cast<long long>(tapped.size()),
                                        tapped.empty() ? -1 : *tapped.begin(), tapped.empty() ? -1 : *tapped.rbegin()};
       std::vector<long long> full = key;
@@ -421,20 +434,32 @@ class Impl {
       if (moved) graphs_by_key_.clear();  // their kernels point into freed buffers
       auto it = graphs_by_key_.find(full);
       if (it == graphs_by_key_.end()) it = graphs_by_key_.emplace(full, capture(run)).first;
+      step_clock_.mark(0, stream_);
       FPF_CUDA(cudaGraphLaunch(it->second.exec, stream_));
+      step_clock_.mark(1, stream_);
     } else {
       run();
     }
     timer_.report(R);
-    out_host_.reserve(n_out);
-    FPF_CUDA(cudaMemcpyAsync(out_host_.get(), out_.get(), n_out * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    // The output's maps and vectors are built, at their sizes, while the step runs: after the read-back only the
+    // values are copied in. (Built after it, they took ~40 us of each ~2.3 ms decode step on the H100 machine's
+    // host: docs/cuda.md, session 11.)
+    std::vector<Captured> out(static_cast<std::size_t>(B));
+    for (int b = 0; b < B; ++b) {
+      const int Tn = static_cast<int>(chunks[static_cast<std::size_t>(b)].tokens.size());
+      for (int t = c0[b]; t < Tn; ++t) {
+        taps::PositionSignals& ps = out[static_cast<std::size_t>(b)][p0[b] + t];
+        for (int layer : tapped) ps.hidden[layer].resize(static_cast<std::size_t>(H)), ps.keys[layer].resize(static_cast<std::size_t>(kv_dim));
+        ps.logprobs.token_ids.resize(static_cast<std::size_t>(spec.topk));
+        ps.logprobs.log_probs.resize(static_cast<std::size_t>(spec.topk));
+      }
+    }
     FPF_CUDA(cudaStreamSynchronize(stream_));
+    step_clock_.mark(2, stream_, false);
     const float* const stage = out_host_.get();
     const float* const top_lp = stage + n_stage;
     std::vector<std::int32_t> top(n_top);  // the int32 words, copied out of the float buffer
     std::memcpy(top.data(), stage + n_stage + n_lp, n_top * sizeof(std::int32_t));
-
-    std::vector<Captured> out(static_cast<std::size_t>(B));
     int ci = 0;
     for (int b = 0; b < B; ++b) {
       const int Tn = static_cast<int>(chunks[static_cast<std::size_t>(b)].tokens.size());
@@ -443,18 +468,17 @@ class Impl {
         int lj = 0;
         for (int layer : tapped) {
           const float* st = stage + static_cast<std::size_t>(lj++) * tap_block;
-          ps.hidden[layer].assign(st + static_cast<std::size_t>(ci) * H, st + static_cast<std::size_t>(ci + 1) * H);
+          std::copy_n(st + static_cast<std::size_t>(ci) * H, H, ps.hidden[layer].begin());
           const float* ks = st + static_cast<std::size_t>(Nc) * H;
-          ps.keys[layer].assign(ks + static_cast<std::size_t>(ci) * kv_dim, ks + static_cast<std::size_t>(ci + 1) * kv_dim);
+          std::copy_n(ks + static_cast<std::size_t>(ci) * kv_dim, kv_dim, ps.keys[layer].begin());
         }
-        ps.logprobs.token_ids.assign(top.begin() + static_cast<std::ptrdiff_t>(ci) * spec.topk,
-                                     top.begin() + static_cast<std::ptrdiff_t>(ci + 1) * spec.topk);
-        ps.logprobs.log_probs.assign(top_lp + static_cast<std::ptrdiff_t>(ci) * spec.topk,
-                                     top_lp + static_cast<std::ptrdiff_t>(ci + 1) * spec.topk);
+        std::copy_n(top.begin() + static_cast<std::ptrdiff_t>(ci) * spec.topk, spec.topk, ps.logprobs.token_ids.begin());
+        std::copy_n(top_lp + static_cast<std::ptrdiff_t>(ci) * spec.topk, spec.topk, ps.logprobs.log_probs.begin());
         ps.argmax = top[static_cast<std::size_t>(Nc) * spec.topk + static_cast<std::size_t>(ci)];
       }
       seqs_[b].len += Tn;
     }
+    if (as_graph) step_clock_.step(t_entry);
     return out;
   }
 
@@ -741,8 +765,58 @@ class Impl {
     ~Graphs() { clear(); }
   };
 
+  // FPF_STEP_TIMES=1: where a graph-replayed decode step's wall time goes, printed to stderr when the model is
+  // destroyed (medians over the steps, us). Host clock: from forward's entry to the graph launch (the step's rows
+  // and metadata, the graph lookup), the launch call, the wait for the stream (the output's maps are built before
+  // it), and from there to forward's return (the values copied into the maps). Events on the step's stream: the
+  // graph, from its metadata upload to its read-back. Off by default (no events recorded, no clock read).
+  struct StepClock {
+    bool on = std::getenv("FPF_STEP_TIMES") != nullptr && std::string(std::getenv("FPF_STEP_TIMES")) != "0";
+    cudaEvent_t ev[2]{};
+    std::chrono::steady_clock::time_point host[3];
+    std::vector<double> part[6];
+    StepClock() {
+      if (on)
+        for (cudaEvent_t& e : ev) FPF_CUDA(cudaEventCreate(&e));
+    }
+    ~StepClock() {
+      if (!on) return;
+      if (!part[5].empty()) {
+        auto med = [](std::vector<double> v) {
+          std::sort(v.begin(), v.end());
+          return v[v.size() / 2];
+        };
+        std::fprintf(stderr,
+                     "[fpf step times] %zu decode steps, medians (us). host: to launch %.1f, launch %.1f, wait %.1f, "
+                     "output %.1f; stream: graph %.1f; wall %.1f\n",
+                     part[5].size(), med(part[0]), med(part[1]), med(part[2]), med(part[3]), med(part[4]), med(part[5]));
+      }
+      for (cudaEvent_t e : ev) cudaEventDestroy(e);
+    }
+    // Host mark i: 0 before the launch, 1 after it (both with an event), 2 after the stream's synchronisation.
+    void mark(int i, cudaStream_t s, bool event = true) {
+      if (!on) return;
+      host[i] = std::chrono::steady_clock::now();
+      if (event) FPF_CUDA(cudaEventRecord(ev[i], s));
+    }
+    void step(std::chrono::steady_clock::time_point entry) {
+      if (!on) return;
+      const auto end = std::chrono::steady_clock::now();
+      auto us = [](auto a, auto b) { return std::chrono::duration<double, std::micro>(b - a).count(); };
+      part[0].push_back(us(entry, host[0]));
+      part[1].push_back(us(host[0], host[1]));
+      part[2].push_back(us(host[1], host[2]));
+      part[3].push_back(us(host[2], end));
+      float ms = 0;
+      FPF_CUDA(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+      part[4].push_back(1e3 * ms);
+      part[5].push_back(us(entry, end));
+    }
+  };
+
   io::ModelConfig cfg_;
   StageTimer timer_;
+  StepClock step_clock_;
   // Decode steps run as CUDA graphs (FPF_CUDA_GRAPHS=0: launched one by one; same kernels, same values).
   bool graphs_ = std::getenv("FPF_CUDA_GRAPHS") == nullptr || std::string(std::getenv("FPF_CUDA_GRAPHS")) != "0";
   cudaStream_t stream_ = make_stream();

@@ -117,13 +117,15 @@ class HostBuffer {
   ~HostBuffer() {
     if (p_ != nullptr) cudaFreeHost(p_);
   }
-  void reserve(std::size_t n) {
-    if (n <= n_) return;
+  // Returns whether the buffer moved (a captured graph copying to or from it must be captured again).
+  bool reserve(std::size_t n) {
+    if (n <= n_) return false;
     if (p_ != nullptr) cudaFreeHost(p_);
     p_ = nullptr, n_ = 0;
     void* p = nullptr;
     check(cudaMallocHost(&p, n * sizeof(T)), "cudaMallocHost");
     p_ = static_cast<T*>(p), n_ = n;
+    return true;
   }
   T* get() const { return p_; }
 

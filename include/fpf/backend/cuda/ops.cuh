@@ -31,6 +31,27 @@ void convert(const void* src, DType src_dtype, T* dst, std::size_t n, cudaStream
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// A step's exchange with the host as a kernel: n 32-bit words from src to dst, one of them page-locked host memory
+// (cudaMallocHost's, which the device reads and writes directly under unified addressing). A decode step's graph
+// uploads its metadata and reads its results back this way: with copy nodes to and from host memory instead, the
+// graph's launch call took ~20 us longer on the H100 machine (docs/cuda.md, session 11). After pdl_wait: the words
+// the read-back copies are written by the kernels before it.
+// ---------------------------------------------------------------------------------------------------------------
+inline constexpr int kCopyWordsThreads = 256;
+template <class Word>
+__global__ void __launch_bounds__(kCopyWordsThreads) k_copy_words(const Word* __restrict__ src, Word* __restrict__ dst, std::size_t n) {
+  pdl_begin();
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) dst[i] = src[i];
+}
+inline void copy_words(const void* src, void* dst, std::size_t n, cudaStream_t s) {
+  if (n == 0) return;
+  const std::size_t blocks = std::min<std::size_t>((n + 4 * kCopyWordsThreads - 1) / (4 * kCopyWordsThreads), 128);
+  launch("copy_words", k_copy_words<std::uint32_t>, static_cast<unsigned>(blocks), kCopyWordsThreads, 0, s,
+         static_cast<const std::uint32_t*>(src), static_cast<std::uint32_t*>(dst), n);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // embedding gather: x[r] = table[ids[r]]
 // ---------------------------------------------------------------------------------------------------------------
 template <class T>
