@@ -554,7 +554,7 @@ template <class T>
 void test_log_softmax_topk(long long V, int topk, std::uint32_t seed) {
   const int rows = 3;
   std::vector<float> lg = randn(static_cast<std::size_t>(rows * V), seed, 4.0f);
-  lg[5] = lg[7] = 30.0f;  // a tie at the top: the lower id first
+  if (V > 7) lg[5] = lg[7] = 30.0f;  // a tie at the top: the lower id first
   const auto lgt = round_to<T>(lg);
   auto d = to_device(lgt);
   DeviceBuffer<std::int32_t> ids(static_cast<std::size_t>(rows) * topk), am(rows);
@@ -571,6 +571,11 @@ void test_log_softmax_topk(long long V, int topk, std::uint32_t seed) {
     taps::set_logits(ps, std::span<const float>(lg.data() + r * V, static_cast<std::size_t>(V)), topk);
     CHECK(ga[r] == ps.argmax);
     for (int s = 0; s < topk; ++s) {
+      if (s >= static_cast<int>(ps.logprobs.token_ids.size())) {  // top-k past the vocabulary: id 0x7fffffff, -inf
+        CHECK(gi[r * topk + s] == 0x7fffffff);
+        CHECK((std::isinf(gl[r * topk + s]) && gl[r * topk + s] < 0));
+        continue;
+      }
       CHECK(gi[r * topk + s] == ps.logprobs.token_ids[s]);
       rl.push_back(ps.logprobs.log_probs[s]);
       gls.push_back(gl[r * topk + s]);
@@ -579,6 +584,26 @@ void test_log_softmax_topk(long long V, int topk, std::uint32_t seed) {
   const double e = rel_l2(gls, rl);
   MESSAGE("log_softmax_topk " << dtype_name(dtype_of<T>()) << " V " << V << ": rel L2 " << e);
   CHECK(e <= 1e-5);  // computed in fp32/double from the logits as stored
+}
+
+// ops::copy_words both ways between page-locked host memory and the device (a decode graph's upload and read-back).
+void test_copy_words(std::size_t n) {
+  HostBuffer<std::uint32_t> up, back;
+  up.reserve(n);
+  back.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) up.get()[i] = static_cast<std::uint32_t>(i * 2654435761u + 12345u), back.get()[i] = 0u;
+  DeviceBuffer<std::uint32_t> d(n);
+  ops::copy_words(up.get(), d.get(), n, 0);
+  ops::copy_words(d.get(), back.get(), n, 0);
+  FPF_CUDA(cudaDeviceSynchronize());
+  const auto on_device = d.download(n);
+  std::size_t bad_device = 0, bad_back = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    bad_device += on_device[i] != up.get()[i] ? 1 : 0;
+    bad_back += back.get()[i] != up.get()[i] ? 1 : 0;
+  }
+  CHECK(bad_device == 0);
+  CHECK(bad_back == 0);
 }
 
 template <class T>
@@ -626,6 +651,7 @@ void all_ops(std::uint32_t seed) {
   test_moe_gemv_combine<T>(seed + 70);
   test_log_softmax_topk<T>(151936, 10, seed + 80);
   test_log_softmax_topk<T>(384, 10, seed + 81);
+  test_log_softmax_topk<T>(6, 9, seed + 83);  // fewer logits than picks
   // 256 picks over the vocabulary: the final kernel's lists no longer fit its shared memory (the global-memory merge)
   if constexpr (std::is_same_v<T, float>) test_log_softmax_topk<T>(151936, 256, seed + 82);
 }
@@ -633,5 +659,8 @@ void all_ops(std::uint32_t seed) {
 }  // namespace
 
 TEST_CASE("cuda ops fp32 match the CPU reference within 1e-5") { all_ops<float>(1000); }
+TEST_CASE("copy_words moves words between page-locked host memory and the device") {
+  for (std::size_t n : {std::size_t{1}, std::size_t{1000}, std::size_t{300001}}) test_copy_words(n);
+}
 TEST_CASE("cuda ops bf16 match the CPU reference within the bf16 unit roundoff") { all_ops<bf16>(2000); }
 TEST_CASE("cuda ops fp16 match the CPU reference within the fp16 unit roundoff") { all_ops<fp16>(3000); }

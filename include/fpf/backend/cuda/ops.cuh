@@ -1066,16 +1066,18 @@ __global__ void k_lsm_final(const unsigned long long* __restrict__ pkey, const f
                             const double* __restrict__ psum, const unsigned long long* __restrict__ cand, int S, int K, int k,
                             std::int32_t* __restrict__ top_ids, float* __restrict__ top_lp, std::int32_t* __restrict__ argmax) {
   pdl_begin();
-  extern __shared__ unsigned long long top[];  // [K] the row's top K by value, (Staged) [S K] the lists, then (as int) the slices' pointers
-  int* ptr = reinterpret_cast<int*>(top + K + (Staged ? S * K : 0));
+  // [K] the row's top K by value, [K] their keys by lp, (Staged) [S K] the lists, then (as int) the slices' pointers
+  extern __shared__ unsigned long long top[];
+  unsigned long long* lpk = top + K;
+  int* ptr = reinterpret_cast<int*>(lpk + K + (Staged ? S * K : 0));
   const int r = blockIdx.x, lane = threadIdx.x;
   const unsigned long long* pk = pkey + static_cast<std::size_t>(r) * S;
   const float* pm = pmax + static_cast<std::size_t>(r) * S;
   const double* ps = psum + static_cast<std::size_t>(r) * S;
   const unsigned long long* cd = cand + static_cast<std::size_t>(r) * S * K;
   if constexpr (Staged) {
-    for (int i = lane; i < S * K; i += 32) top[K + i] = cd[i];
-    cd = top + K;
+    for (int i = lane; i < S * K; i += 32) lpk[K + i] = cd[i];
+    cd = lpk + K;
     __syncwarp();
   }
   unsigned long long mk = 0;
@@ -1107,20 +1109,24 @@ __global__ void k_lsm_final(const unsigned long long* __restrict__ pkey, const f
     }
   }
   __syncwarp();
-  // top-k of the candidates by lp = (x - m) - logsum, ties to the lower id
-  for (int s = 0; s < k; ++s) {
-    unsigned long long bk = 0;
-    int bc = -1;
-    for (int c = lane; c < K; c += 32)
-      if (top[c] != 0) {
-        const unsigned long long ck = lsm_key((lsm_value(top[c]) - m) - logsum, lsm_id(top[c]));
-        if (ck > bk) bk = ck, bc = c;
-      }
-    const unsigned long long w = warp_max_key(bk);
-    if (w != 0 && bk == w) top[bc] = 0;
-    if (lane == 0) top_ids[r * k + s] = w != 0 ? lsm_id(w) : 0x7fffffff, top_lp[r * k + s] = w != 0 ? lsm_value(w) : -INFINITY;
-    __syncwarp();
+  // top-k of the candidates by lp = (x - m) - logsum, ties to the lower id: each candidate's key by lp, then its rank
+  // among the candidates' keys (distinct: the ids differ) is its place; places past the candidates get id 0x7fffffff
+  // and -inf. (The same picks and order as k rounds of an arg-max, without the rounds' warp reductions.)
+  for (int c = lane; c < K; c += 32) {
+    const unsigned long long x = top[c];
+    lpk[c] = x != 0 ? lsm_key((lsm_value(x) - m) - logsum, lsm_id(x)) : 0ull;
   }
+  __syncwarp();
+  int found = 0;
+  for (int c = 0; c < K; ++c) found += lpk[c] != 0 ? 1 : 0;
+  for (int c = lane; c < K; c += 32) {
+    const unsigned long long key = lpk[c];
+    if (key == 0) continue;
+    int rank = 0;
+    for (int j = 0; j < K; ++j) rank += lpk[j] > key ? 1 : 0;
+    if (rank < k) top_ids[r * k + rank] = lsm_id(key), top_lp[r * k + rank] = lsm_value(key);
+  }
+  for (int s = found + lane; s < k; s += 32) top_ids[r * k + s] = 0x7fffffff, top_lp[r * k + s] = -INFINITY;
 }
 
 // The per-slice scratch of log_softmax_topk (keys, maxima, sums, candidates). Its owner (a backend) keeps it, so
@@ -1150,12 +1156,12 @@ void log_softmax_topk(const T* logits, int rows, long long V, int k, std::int32_
   const int K = k + kLsmExtra;
   launch("lsm_slice", k_lsm_slice<T>, dim3(rows, S), kLsmThreads, (kLsmThreads / 32) * K * sizeof(unsigned long long), s, logits,
          V, K, scratch.pkey.get(), scratch.pmax.get(), scratch.psum.get(), scratch.cand.get());
-  const std::size_t staged = (static_cast<std::size_t>(K) * (1 + S)) * sizeof(unsigned long long) + S * sizeof(int);
+  const std::size_t staged = (static_cast<std::size_t>(K) * (2 + S)) * sizeof(unsigned long long) + S * sizeof(int);
   if (staged <= 48 * 1024)
     launch("lsm_final", k_lsm_final<true>, rows, 32, staged, s, scratch.pkey.get(), scratch.pmax.get(), scratch.psum.get(),
            scratch.cand.get(), S, K, k, top_ids, top_lp, argmax);
   else
-    launch("lsm_final", k_lsm_final<false>, rows, 32, K * sizeof(unsigned long long) + S * sizeof(int), s, scratch.pkey.get(),
+    launch("lsm_final", k_lsm_final<false>, rows, 32, 2 * K * sizeof(unsigned long long) + S * sizeof(int), s, scratch.pkey.get(),
            scratch.pmax.get(), scratch.psum.get(), scratch.cand.get(), S, K, k, top_ids, top_lp, argmax);
 }
 
