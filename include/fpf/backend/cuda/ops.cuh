@@ -991,13 +991,12 @@ __device__ __forceinline__ float lsm_value(unsigned long long key) {
   return __uint_as_float((o & 0x80000000u) ? (o & 0x7FFFFFFFu) : ~o);
 }
 __device__ __forceinline__ int lsm_id(unsigned long long key) { return static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(key)); }
+// The warp's largest key: two 32-bit warp reductions (the high words, then the low words of the keys that hold the
+// largest high word) instead of a five-step butterfly of 64-bit shuffles. Exact: the same key either way.
 __device__ __forceinline__ unsigned long long warp_max_key(unsigned long long k) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const unsigned long long t = __shfl_xor_sync(0xffffffffu, k, o);
-    k = t > k ? t : k;
-  }
-  return k;
+  const unsigned hi = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(k >> 32));
+  const unsigned lo = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(k >> 32) == hi ? static_cast<unsigned>(k) : 0u);
+  return (static_cast<unsigned long long>(hi) << 32) | lo;
 }
 
 template <class T>
