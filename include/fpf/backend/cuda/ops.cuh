@@ -1067,16 +1067,17 @@ __global__ void k_lsm_final(const unsigned long long* __restrict__ pkey, const f
   pdl_begin();
   // [K] the row's top K by value, [K] their keys by lp, (Staged) [S K] the lists, then (as int) the slices' pointers
   extern __shared__ unsigned long long top[];
-  unsigned long long* lpk = top + K;
-  int* ptr = reinterpret_cast<int*>(lpk + K + (Staged ? S * K : 0));
+  unsigned long long* const lpk = top + K;
+  unsigned long long* const lists = lpk + K;
+  int* ptr = reinterpret_cast<int*>(lists + (Staged ? S * K : 0));
   const int r = blockIdx.x, lane = threadIdx.x;
   const unsigned long long* pk = pkey + static_cast<std::size_t>(r) * S;
   const float* pm = pmax + static_cast<std::size_t>(r) * S;
   const double* ps = psum + static_cast<std::size_t>(r) * S;
   const unsigned long long* cd = cand + static_cast<std::size_t>(r) * S * K;
   if constexpr (Staged) {
-    for (int i = lane; i < S * K; i += 32) lpk[K + i] = cd[i];
-    cd = lpk + K;
+    for (int i = lane; i < S * K; i += 32) lists[i] = cd[i];
+    cd = lists;
     __syncwarp();
   }
   unsigned long long mk = 0;
