@@ -125,3 +125,86 @@ TEST_CASE("cuda engine bf16 and fp16: runs every fixture, reps bit-identical, cl
     }
   }
 }
+
+namespace {
+// Every captured value of a forward's output, bit for bit (bit_differences: -0 and +0 differ).
+bool same_bits(const std::vector<Captured>& a, const std::vector<Captured>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t s = 0; s < a.size(); ++s) {
+    if (a[s].size() != b[s].size()) return false;
+    for (const auto& [pos, x] : a[s]) {
+      const auto it = b[s].find(pos);
+      if (it == b[s].end()) return false;
+      const taps::PositionSignals& y = it->second;
+      if (x.argmax != y.argmax || x.logprobs.token_ids != y.logprobs.token_ids ||
+          testing::bit_differences(x.logprobs.log_probs, y.logprobs.log_probs) != 0 || x.hidden.size() != y.hidden.size() ||
+          x.keys.size() != y.keys.size())
+        return false;
+      for (const auto& [layer, v] : x.hidden)
+        if (!y.hidden.contains(layer) || testing::bit_differences(v, y.hidden.at(layer)) != 0) return false;
+      for (const auto& [layer, v] : x.keys)
+        if (!y.keys.contains(layer) || testing::bit_differences(v, y.keys.at(layer)) != 0) return false;
+    }
+  }
+  return true;
+}
+}  // namespace
+
+// The backend queues each decode step's greedy continuation behind it (pipelining) and adopts it when the next
+// forward asks for exactly that; anything else (another token, a longer chunk, other taps, a reset) drops it. Either
+// way every value must be the one a backend that launches each step when asked gives (FPF_CUDA_PIPELINE=0).
+TEST_CASE("cuda backend: pipelined decode steps give the values of steps launched one by one, guessed right or wrong") {
+  using M = cuda::Backend::Model<CudaSetup<attn::Flash<>>>;
+  for (const std::string name : {"dense_tied", "moe_real_vocab"}) {
+    CAPTURE(name);
+    const Reference ref = testing::load_reference(name);
+    const auto dir = testing::fixture_dir(name);
+    const io::ModelConfig cfg = io::load_config(dir);
+    const io::Checkpoint ckpt = io::Checkpoint::open(dir);
+    M piped(ckpt, cfg, EngineOptions{Precision::bf16});
+    ::setenv("FPF_CUDA_PIPELINE", "0", 1);
+    M plain(ckpt, cfg, EngineOptions{Precision::bf16});
+    ::unsetenv("FPF_CUDA_PIPELINE");
+    const std::vector<std::int32_t> p0 = ref.signals.prompt_ids;
+    std::vector<std::int32_t> p1 = p0;
+    std::reverse(p1.begin(), p1.end());
+    taps::TapSpec other = ref.spec;
+    other.topk = std::max(1, ref.spec.topk - 1);
+    for (int round = 0; round < 2; ++round) {  // the second round starts on a reset with a step still queued
+      CAPTURE(round);
+      piped.reset(2), plain.reset(2);
+      std::vector<std::vector<std::int32_t>> fed{p0, p1};
+      const std::size_t adopted0 = piped.adopted_steps();
+      for (int s = 0; s < 12; ++s) {
+        CAPTURE(s);
+        std::vector<std::vector<std::int32_t>> next(2);
+        std::vector<Chunk> chunks(2);
+        for (int b = 0; b < 2; ++b) {
+          const int n = static_cast<int>(fed[static_cast<std::size_t>(b)].size());
+          chunks[static_cast<std::size_t>(b)] = s == 0 ? Chunk{fed[static_cast<std::size_t>(b)], std::max(0, n - 3)}
+                                                       : Chunk{std::span<const std::int32_t>(fed[static_cast<std::size_t>(b)]).subspan(
+                                                                   static_cast<std::size_t>(n) - (s == 7 && b == 1 ? 2 : 1)),
+                                                               n - 1};
+        }
+        const taps::TapSpec& spec = s == 9 ? other : ref.spec;  // step 9 asks for other taps
+        const auto a = piped.forward(chunks, spec);
+        const auto c = plain.forward(chunks, spec);
+        REQUIRE(same_bits(a, c));
+        for (int b = 0; b < 2; ++b) {
+          auto& f = fed[static_cast<std::size_t>(b)];
+          const std::int32_t g = a[static_cast<std::size_t>(b)].at(static_cast<int>(f.size()) - 1).argmax;
+          // Step 4 feeds sequence 0 a token that is not its argmax; step 6 feeds sequence 1 two tokens at once
+          // (its argmax and one more, fed as the chunk of step 7).
+          if (s == 4 && b == 0) f.push_back((g + 1) % cfg.vocab_size);
+          else if (s == 6 && b == 1) f.push_back(g), f.push_back((g + 3) % cfg.vocab_size);
+          else f.push_back(g);
+        }
+      }
+      // Adopted: steps 2, 3, 4 and 6 (guessed right; step 5 was fed a token other than the guess, and queued its own),
+      // and 11 (7 was fed two tokens, so nothing was queued for 8 by 7; 8's guess had other taps than 9 asked for, and
+      // 9's other taps than 10).
+      CHECK(piped.adopted_steps() - adopted0 == 5);
+      CHECK(plain.adopted_steps() == 0);
+    }
+  }
+}

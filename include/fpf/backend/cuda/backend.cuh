@@ -197,6 +197,7 @@ class Impl {
   }
 
   ~Impl() {
+    if (pending_.on) cudaStreamSynchronize(stream_);  // a speculative step still in flight (pipelining)
     graphs_by_key_.clear();
     if (stream_) cudaStreamDestroy(stream_);
     if (side_) cudaStreamDestroy(side_);
@@ -206,7 +207,11 @@ class Impl {
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;
 
+  // Decode steps that were already running when forward asked for them (pipelining).
+  std::size_t adopted_steps() const { return adopted_; }
+
   void reset(int batch) {
+    drain();
     seqs_.resize(static_cast<std::size_t>(batch));
     for (Seq& s : seqs_) s.len = 0;
     batch_ = batch;
@@ -220,6 +225,23 @@ class Impl {
     const float eps = static_cast<float>(cfg_.rms_norm_eps);
     const long long V = cfg_.vocab_size;
     const auto t_entry = std::chrono::steady_clock::now();
+
+    // Pipelining: the step the previous forward queued behind its own (see "speculate" below) is this one when every
+    // sequence gets one token, the argmax read back for it, at the length it was queued at, with the same taps; it is
+    // then adopted as it runs. Otherwise it is waited for and dropped: it wrote its own slot, the shared scratch and
+    // each sequence's cache row at its current length, which this step rewrites before any read (or never reads).
+    bool adopt = false;
+    if (pending_.on) {
+      adopt = pending_.spec.layers == spec.layers && pending_.spec.positions == spec.positions &&
+              pending_.spec.topk == spec.topk;
+      for (int b = 0; adopt && b < B; ++b) {
+        const Chunk& c = chunks[static_cast<std::size_t>(b)];
+        adopt = c.tokens.size() == 1 && c.tokens[0] == pending_.token[static_cast<std::size_t>(b)] &&
+                seqs_[b].len == pending_.len[static_cast<std::size_t>(b)];
+      }
+      if (!adopt) drain();
+    }
+    const int si = adopt ? pending_.slot : 1 - last_slot_;  // this step's slot
 
     // ---- rows: every sequence's new tokens, concatenated ----
     std::vector<std::int32_t> ids, row_seq, row_pos, cap_rows, cap_of_row;  // capture i's row; row r's capture or -1
@@ -246,29 +268,25 @@ class Impl {
       ensure_capacity(seqs_[b], p0[b] + Tn);
     }
     bool moved = upload_cache_tables();  // a buffer a captured graph points into was reallocated
-    std::size_t n_meta = 0;
     const int R = static_cast<int>(ids.size()), Nc = static_cast<int>(cap_rows.size());
     if (R == 0) throw Error("forward", "no tokens given");
-    {
-      std::vector<std::int32_t> meta;
-      meta.reserve(4 * R + Nc);
-      meta.insert(meta.end(), ids.begin(), ids.end());
-      meta.insert(meta.end(), row_seq.begin(), row_seq.end());
-      meta.insert(meta.end(), row_pos.begin(), row_pos.end());
-      meta.insert(meta.end(), cap_rows.begin(), cap_rows.end());
-      meta.insert(meta.end(), cap_of_row.begin(), cap_of_row.end());
-      // Uploaded from page-locked memory by the step's first operation (run below; a kernel in a decode step's graph,
-      // ops::copy_words): the buffer is rewritten only by the next forward, after this one has synchronized.
-      moved |= meta_.resize(meta.size());
-      moved |= meta_host_.reserve(meta.size());
-      std::copy(meta.begin(), meta.end(), meta_host_.get());
-      n_meta = meta.size();
-    }
-    const std::int32_t* d_ids = meta_.get();
-    const std::int32_t* d_seq = d_ids + R;
-    const std::int32_t* d_pos = d_seq + R;
-    const std::int32_t* d_cap = d_pos + R;
-    const std::int32_t* d_cap_of_row = d_cap + Nc;
+    // The step's metadata: ids, row_seq, row_pos (R each), cap_rows (Nc), cap_of_row (R), and src (R): row r's token is
+    // ids[r] where src[r] < 0, else word src[r] of the other slot's read-back (an argmax of the step before; only a
+    // speculative step has such rows). Uploaded from the slot's page-locked memory by the step's first operation (run
+    // below; a kernel in a decode step's graph, ops::copy_words); written just before the launch.
+    std::vector<std::int32_t> meta;
+    meta.reserve(5 * static_cast<std::size_t>(R) + Nc);
+    meta.insert(meta.end(), ids.begin(), ids.end());
+    meta.insert(meta.end(), row_seq.begin(), row_seq.end());
+    meta.insert(meta.end(), row_pos.begin(), row_pos.end());
+    meta.insert(meta.end(), cap_rows.begin(), cap_rows.end());
+    meta.insert(meta.end(), cap_of_row.begin(), cap_of_row.end());
+    meta.insert(meta.end(), static_cast<std::size_t>(R), -1);
+    const std::size_t n_meta = meta.size();
+    for (Slot& sl : slot_) moved |= sl.meta.resize(n_meta), moved |= sl.meta_host.reserve(n_meta);
+    // Set by run for the slot it runs in.
+    const std::int32_t *d_ids = nullptr, *d_seq = nullptr, *d_pos = nullptr, *d_cap = nullptr, *d_cap_of_row = nullptr,
+                       *d_src = nullptr;
 
     const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
     const int I = cfg_.intermediate_size, Ie = cfg_.moe_intermediate_size;
@@ -304,11 +322,10 @@ class Impl {
     // top-k ids and the argmaxes (int32 in the buffer's 4-byte words).
     const std::size_t n_stage = tapped.size() * tap_block, n_lp = static_cast<std::size_t>(Nc) * spec.topk,
                       n_top = static_cast<std::size_t>(Nc) * (spec.topk + 1), n_out = n_stage + n_lp + n_top;
-    moved |= out_.resize(n_out);
-    moved |= out_host_.reserve(n_out);
-    float* const d_stage = out_.get();
-    float* const d_top_lp = d_stage + n_stage;
-    std::int32_t* const d_top = reinterpret_cast<std::int32_t*>(d_top_lp + n_lp);
+    for (Slot& sl : slot_) moved |= sl.out.resize(n_out), moved |= sl.out_host.reserve(n_out);
+    float* d_stage = nullptr;  // set by run for its slot
+    float* d_top_lp = nullptr;
+    std::int32_t* d_top = nullptr;
     // Tapped layer t's block of the stage: [Nc, H] hidden states, then [Nc, kv_dim] keys. The taps are copied inside the
     // kernels that read or write those values (no launch of their own): the hidden state after layer t by the next
     // RMSNorm that reads it (layer t + 1's input norm, or the final norm), layer t's keys by its q/k norm + RoPE.
@@ -346,13 +363,18 @@ class Impl {
       side_used = true;
     };
     // Everything from the embedding to the top-k: in decode a fixed sequence of kernels (no host round trip).
-    auto run = [&] {
+    auto run = [&](int slot) {
+    Slot& S = slot_[slot];
+    d_ids = S.meta.get(), d_seq = d_ids + R, d_pos = d_seq + R, d_cap = d_pos + R, d_cap_of_row = d_cap + Nc;
+    d_src = d_cap_of_row + R;
+    d_stage = S.out.get(), d_top_lp = d_stage + n_stage, d_top = reinterpret_cast<std::int32_t*>(d_top_lp + n_lp);
     side_used = false;
     if (as_graph)
-      ops::copy_words(meta_host_.get(), meta_.get(), n_meta, st);
+      ops::copy_words(S.meta_host.get(), S.meta.get(), n_meta, st);
     else
-      FPF_CUDA(cudaMemcpyAsync(meta_.get(), meta_host_.get(), n_meta * sizeof(std::int32_t), cudaMemcpyHostToDevice, st));
-    ops::embed<T>(d_ids, R, embed_.get(), x_.get(), H, st);
+      FPF_CUDA(cudaMemcpyAsync(S.meta.get(), S.meta_host.get(), n_meta * sizeof(std::int32_t), cudaMemcpyHostToDevice, st));
+    ops::embed<T>(d_ids, d_src, reinterpret_cast<const std::int32_t*>(slot_[1 - slot].out.get()), R, embed_.get(), x_.get(),
+                  H, static_cast<int>(V), st);
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       LayerW<T>& L = layers_[static_cast<std::size_t>(l)];
       float* const tap_in = l > 0 ? tap_block_of(l) : nullptr;  // x is the hidden state after layer l (1-based)
@@ -419,28 +441,79 @@ class Impl {
     }
     // The step's one read-back, into page-locked memory.
     if (as_graph)
-      ops::copy_words(out_.get(), out_host_.get(), n_out, st);
+      ops::copy_words(S.out.get(), S.out_host.get(), n_out, st);
     else
-      FPF_CUDA(cudaMemcpyAsync(out_host_.get(), out_.get(), n_out * sizeof(float), cudaMemcpyDeviceToHost, st));
+      FPF_CUDA(cudaMemcpyAsync(S.out_host.get(), S.out.get(), n_out * sizeof(float), cudaMemcpyDeviceToHost, st));
     timer_.mark("taps+head");
     };
 
-    timer_.start();
-    if (as_graph) {
-      const std::vector<long long> key{R, B, Nc, spec.topk, kernel_keys, static_cast<long long>(tapped.size()),
-                                       tapped.empty() ? -1 : *tapped.begin(), tapped.empty() ? -1 : *tapped.rbegin()};
-      std::vector<long long> full = key;
-      full.insert(full.end(), tapped.begin(), tapped.end());
-      if (moved) graphs_by_key_.clear();  // their kernels point into freed buffers
-      auto it = graphs_by_key_.find(full);
-      if (it == graphs_by_key_.end()) it = graphs_by_key_.emplace(full, capture(run)).first;
-      step_clock_.mark(0, stream_);
-      FPF_CUDA(cudaGraphLaunch(it->second.exec, stream_));
-      step_clock_.mark(1, stream_);
-    } else {
-      run();
+    if (adopt && moved) {  // not expected (the queued step had these sizes); never let it run on in moved buffers
+      FPF_CUDA(cudaStreamSynchronize(stream_));
+      adopt = false;
     }
+    if (!adopt) std::copy(meta.begin(), meta.end(), slot_[si].meta_host.get());
+    adopted_ += adopt ? 1 : 0;
+    timer_.start();
+    // A decode graph's key: the step's shape and taps, then the slot (its buffers).
+    std::vector<long long> key{R, B, Nc, spec.topk, kernel_keys, static_cast<long long>(tapped.size())};
+    key.insert(key.end(), tapped.begin(), tapped.end());
+    key.push_back(si);
+    if (as_graph) {
+      if (moved) graphs_by_key_.clear();  // their kernels point into freed buffers
+      if (!adopt) {
+        auto it = graphs_by_key_.find(key);
+        if (it == graphs_by_key_.end()) {
+          it = graphs_by_key_.emplace(key, capture([&] { run(si); })).first;
+          if (pipeline_) {  // the other slot's graph too, for the step queued behind this one
+            std::vector<long long> other = key;
+            other.back() = 1 - si;
+            if (graphs_by_key_.find(other) == graphs_by_key_.end()) graphs_by_key_.emplace(other, capture([&] { run(1 - si); }));
+          }
+        }
+        step_clock_.mark(0, stream_);
+        FPF_CUDA(cudaGraphLaunch(it->second.exec, stream_));
+        step_clock_.mark(1, stream_);
+        FPF_CUDA(cudaEventRecord(slot_[si].done, stream_));
+      }
+    } else {
+      run(si);
+      FPF_CUDA(cudaEventRecord(slot_[si].done, stream_));
+    }
+    last_slot_ = si;
     timer_.report(R);
+    // Pipelining: where every sequence took one token, the greedy continuation (each sequence's argmax, fed back on
+    // the device, one position on) is queued now as the next step, in the other slot, so the GPU has it while the
+    // host reads this step back and the caller picks the next tokens. The next forward adopts it or drops it (above).
+    // Only where its graph exists and no cache must grow for it.
+    bool speculate = pipeline_ && as_graph && R == B && Nc == R;
+    pending_.on = false;  // an adopted step is this one now
+    for (int b = 0; speculate && b < B; ++b) speculate = seqs_[b].capacity >= p0[b] + 2;
+    if (speculate) {
+      std::vector<long long> next = key;
+      next.back() = 1 - si;
+      const auto it = graphs_by_key_.find(next);
+      speculate = it != graphs_by_key_.end();
+      if (speculate) {
+        std::int32_t* m = slot_[1 - si].meta_host.get();  // its last step (two back) has finished: its slot is free
+        const std::size_t arg0 = n_stage + n_lp + static_cast<std::size_t>(Nc) * spec.topk;  // this step's argmaxes
+        for (int r = 0; r < R; ++r) {
+          m[r] = 0;
+          m[R + r] = row_seq[static_cast<std::size_t>(r)];
+          m[2 * R + r] = row_pos[static_cast<std::size_t>(r)] + 1;
+          m[3 * R + r] = cap_rows[static_cast<std::size_t>(r)];
+          m[3 * R + Nc + r] = cap_of_row[static_cast<std::size_t>(r)];
+          m[4 * R + Nc + r] = static_cast<std::int32_t>(arg0 + static_cast<std::size_t>(cap_of_row[static_cast<std::size_t>(r)]));
+        }
+        FPF_CUDA(cudaGraphLaunch(it->second.exec, stream_));
+        FPF_CUDA(cudaEventRecord(slot_[1 - si].done, stream_));
+        pending_.on = true;
+        pending_.slot = 1 - si;
+        pending_.spec = spec;
+        pending_.len.assign(static_cast<std::size_t>(B), 0);
+        for (int b = 0; b < B; ++b) pending_.len[static_cast<std::size_t>(b)] = p0[b] + 1;
+        pending_.token.assign(static_cast<std::size_t>(B), -1);  // read back below
+      }
+    }
     // The output's maps and vectors are built, at their sizes, while the step runs: after the read-back only the
     // values are copied in. (Built after it, they took ~40 us of each ~2.3 ms decode step on the H100 machine's
     // host: docs/cuda.md, session 11.)
@@ -454,9 +527,9 @@ class Impl {
         ps.logprobs.log_probs.resize(static_cast<std::size_t>(spec.topk));
       }
     }
-    FPF_CUDA(cudaStreamSynchronize(stream_));
+    FPF_CUDA(cudaEventSynchronize(slot_[si].done));
     step_clock_.mark(2, stream_, false);
-    const float* const stage = out_host_.get();
+    const float* const stage = slot_[si].out_host.get();
     const float* const top_lp = stage + n_stage;
     std::vector<std::int32_t> top(n_top);  // the int32 words, copied out of the float buffer
     std::memcpy(top.data(), stage + n_stage + n_lp, n_top * sizeof(std::int32_t));
@@ -475,10 +548,11 @@ class Impl {
         std::copy_n(top.begin() + static_cast<std::ptrdiff_t>(ci) * spec.topk, spec.topk, ps.logprobs.token_ids.begin());
         std::copy_n(top_lp + static_cast<std::ptrdiff_t>(ci) * spec.topk, spec.topk, ps.logprobs.log_probs.begin());
         ps.argmax = top[static_cast<std::size_t>(Nc) * spec.topk + static_cast<std::size_t>(ci)];
+        if (speculate) pending_.token[static_cast<std::size_t>(b)] = ps.argmax;  // one row per sequence
       }
       seqs_[b].len += Tn;
     }
-    if (as_graph) step_clock_.step(t_entry);
+    if (as_graph && !adopt) step_clock_.step(t_entry);
     return out;
   }
 
@@ -487,6 +561,13 @@ class Impl {
     std::vector<DeviceBuffer<T>> k, v;  // per layer: [capacity, kv_dim]
     int len = 0, capacity = 0;
   };
+
+  // Waits for a speculative step still in flight (pipelining, forward) and drops it.
+  void drain() {
+    if (!pending_.on) return;
+    FPF_CUDA(cudaStreamSynchronize(stream_));
+    pending_.on = false;
+  }
 
   const T* lm_head() const { return cfg_.tie_word_embeddings ? embed_.get() : lm_head_.get(); }
 
@@ -735,7 +816,7 @@ class Impl {
   };
   // Captures one decode step's kernels (run() on stream_) as a CUDA graph.
   template <class Run>
-  Graph capture(Run& run) {
+  Graph capture(Run&& run) {
     Graph g;
     FPF_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
     try {
@@ -819,6 +900,10 @@ class Impl {
   StepClock step_clock_;
   // Decode steps run as CUDA graphs (FPF_CUDA_GRAPHS=0: launched one by one; same kernels, same values).
   bool graphs_ = std::getenv("FPF_CUDA_GRAPHS") == nullptr || std::string(std::getenv("FPF_CUDA_GRAPHS")) != "0";
+  // Decode steps are pipelined (forward; FPF_CUDA_PIPELINE=0: each step is launched when asked for). Off while
+  // FPF_STEP_TIMES times each step's own launch and wait.
+  bool pipeline_ = (std::getenv("FPF_CUDA_PIPELINE") == nullptr || std::string(std::getenv("FPF_CUDA_PIPELINE")) != "0") &&
+                   !step_clock_.on;
   cudaStream_t stream_ = make_stream();
   // The decode step's L2 prefetch (sm_90; FPF_L2_PREFETCH=0 turns it off): a side stream and its fork / join events.
   bool l2_prefetch_ = ops::prefetch_l2_available() &&
@@ -834,10 +919,36 @@ class Impl {
   int batch_ = 0, table_batch_ = -1;
   bool tables_dirty_ = true;
   DeviceBuffer<T*> kptr_, vptr_;
-  DeviceBuffer<std::int32_t> meta_, route_ids_;
-  HostBuffer<std::int32_t> meta_host_;  // meta_'s upload
-  DeviceBuffer<float> out_;             // the step's read-back (see forward)
-  HostBuffer<float> out_host_;
+  DeviceBuffer<std::int32_t> route_ids_;
+  // A step's metadata (meta, uploaded from meta_host) and its read-back (out, copied to out_host; see forward), in two
+  // slots that consecutive steps take in turn, so that a step can be queued behind another without touching what
+  // that one reads or writes (pipelining). Both slots always have the same sizes.
+  struct Slot {
+    DeviceBuffer<std::int32_t> meta;
+    HostBuffer<std::int32_t> meta_host;
+    DeviceBuffer<float> out;
+    HostBuffer<float> out_host;
+    cudaEvent_t done = make_event();  // recorded behind the step's read-back
+    Slot() = default;
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+    ~Slot() {
+      if (done) cudaEventDestroy(done);
+    }
+  };
+  Slot slot_[2];
+  int last_slot_ = 1;  // the slot of the step launched last
+  // The step queued behind the last one (pipelining, forward): its slot, and what the next forward must ask for to
+  // adopt it (each sequence's one token and length, the same taps).
+  struct Pending {
+    bool on = false;
+    int slot = 0;
+    std::vector<int> len;
+    std::vector<std::int32_t> token;
+    taps::TapSpec spec;
+  };
+  Pending pending_;
+  std::size_t adopted_ = 0;  // steps adopted from the pipeline
   DeviceBuffer<unsigned> router_count_;  // ops::router_gemv's last-block counter
   ops::LsmScratch lsm_;                   // ops::log_softmax_topk's scratch
   DeviceBuffer<float> route_wts_, attn_scratch_, prefill_s_;
@@ -871,6 +982,10 @@ class Backend::Model {
   }
   std::vector<Captured> forward(std::span<const Chunk> chunks, const taps::TapSpec& spec) {
     return std::visit([&](auto& m) { return m->forward(chunks, spec); }, impl_);
+  }
+  // Decode steps that were already running when forward asked for them (pipelining; FPF_CUDA_PIPELINE=0: none).
+  std::size_t adopted_steps() const {
+    return std::visit([](const auto& m) { return m->adopted_steps(); }, impl_);
   }
 
  private:

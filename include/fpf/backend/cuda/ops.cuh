@@ -52,19 +52,27 @@ inline void copy_words(const void* src, void* dst, std::size_t n, cudaStream_t s
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// embedding gather: x[r] = table[ids[r]]
+// embedding gather: x[r] = table[id_r], id_r = ids[r], or words[src[r]] where src (optional) has src[r] >= 0 (a
+// token computed on the device: the backend's pipelined step takes the argmax of the step before). An id outside
+// [0, vocab) reads row 0 (the host rejects such a token before it could be adopted).
 // ---------------------------------------------------------------------------------------------------------------
 template <class T>
-__global__ void k_embed(const std::int32_t* __restrict__ ids, const T* __restrict__ table, T* __restrict__ x, int H) {
+__global__ void k_embed(const std::int32_t* __restrict__ ids, const std::int32_t* __restrict__ src,
+                        const std::int32_t* __restrict__ words, const T* __restrict__ table, T* __restrict__ x, int H,
+                        int vocab) {
   pdl_begin();
   const std::size_t r = blockIdx.x;
-  const T* src = table + static_cast<std::size_t>(ids[r]) * H;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = src[i];
+  const int from = src != nullptr ? src[r] : -1;
+  int id = from >= 0 ? words[from] : ids[r];
+  if (id < 0 || id >= vocab) id = 0;
+  const T* row = table + static_cast<std::size_t>(id) * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = row[i];
 }
 template <class T>
-void embed(const std::int32_t* ids, int rows, const T* table, T* x, int H, cudaStream_t s = 0) {
+void embed(const std::int32_t* ids, const std::int32_t* src, const std::int32_t* words, int rows, const T* table, T* x,
+           int H, int vocab, cudaStream_t s = 0) {
   if (rows == 0) return;
-  launch("embed", k_embed<T>, rows, 256, 0, s, ids, table, x, H);
+  launch("embed", k_embed<T>, rows, 256, 0, s, ids, src, words, table, x, H, vocab);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
