@@ -1,7 +1,8 @@
 // fpf-cuda-bench: the real-shape run of the CUDA backend, timed. For each attention policy and batch size: --reps
 // repetitions of prefill (--prompt-tokens per sequence) + (--steps - 1) greedy decode steps with all taps, checked
 // bit-identical across repetitions (an FNV-1a hash over every captured signal of every sequence); prefill time
-// and decode ms/token (medians over the repetitions); sequence 0's signals at batch 2/4 compared with batch 1.
+// and decode ms/token (medians over the repetitions; decode is the wall time from step 1's call to the last step's
+// return, over the steps); sequence 0's signals at batch 2/4 compared with batch 1.
 //
 //   fpf-cuda-bench --model DIR [--prompt-tokens 6000] [--steps 30] [--reps 3] [--batch 1,2,4]
 //                  [--attention eager,flash] [--precision bf16] [--layers 1,2,4,12,last] [--json F]

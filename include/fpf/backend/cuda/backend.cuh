@@ -241,7 +241,9 @@ class Impl {
       }
       if (!adopt) drain();
     }
-    const int si = adopt ? pending_.slot : 1 - last_slot_;  // this step's slot
+    // This step's slot: the other one than the last step's, which a step queued behind this one will take (without
+    // pipelining, always the first: nothing is ever left in flight, and one graph per shape is captured).
+    const int si = adopt ? pending_.slot : pipeline_ ? 1 - last_slot_ : 0;
 
     // ---- rows: every sequence's new tokens, concatenated ----
     std::vector<std::int32_t> ids, row_seq, row_pos, cap_rows, cap_of_row;  // capture i's row; row r's capture or -1
