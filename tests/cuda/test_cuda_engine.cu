@@ -208,3 +208,22 @@ TEST_CASE("cuda backend: pipelined decode steps give the values of steps launche
     }
   }
 }
+
+// A prefill longer than any before grows the row buffers that the captured decode graphs point into: the graphs must
+// be captured again (they used to be dropped only when a decode step itself moved a buffer). Short prompt, long
+// prompt, short prompt again: the last run's values are those of a fresh model.
+TEST_CASE("cuda backend: decode graphs are captured again after a longer prefill moved the buffers") {
+  const std::string name = "moe_real_vocab";
+  const Reference ref = testing::load_reference(name);
+  const auto dir = testing::fixture_dir(name);
+  Engine<CudaSetup<attn::Flash<>>> used(dir, EngineOptions{Precision::bf16});
+  Engine<CudaSetup<attn::Flash<>>> fresh(dir, EngineOptions{Precision::bf16});
+  const std::vector<std::int32_t>& prompt = ref.signals.prompt_ids;
+  std::vector<std::int32_t> longer;
+  while (longer.size() < 15 * prompt.size()) longer.insert(longer.end(), prompt.begin(), prompt.end());
+  const auto first = used.generate({prompt}, ref.steps, ref.spec).at(0);
+  used.generate({longer, longer}, ref.steps, ref.spec);
+  const auto again = used.generate({prompt}, ref.steps, ref.spec).at(0);
+  CHECK(bit_identical(first, again));
+  CHECK(bit_identical(again, fresh.generate({prompt}, ref.steps, ref.spec).at(0)));
+}

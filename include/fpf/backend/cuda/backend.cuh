@@ -460,8 +460,10 @@ class Impl {
     std::vector<long long> key{R, B, Nc, spec.topk, kernel_keys, static_cast<long long>(tapped.size())};
     key.insert(key.end(), tapped.begin(), tapped.end());
     key.push_back(si);
+    // Captured graphs whose kernels point into a buffer that moved are dropped, whichever step moved it (a prefill,
+    // which runs without a graph, grows the row buffers).
+    if (moved) graphs_by_key_.clear();
     if (as_graph) {
-      if (moved) graphs_by_key_.clear();  // their kernels point into freed buffers
       if (!adopt) {
         auto it = graphs_by_key_.find(key);
         if (it == graphs_by_key_.end()) {
