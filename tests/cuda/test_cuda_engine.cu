@@ -177,7 +177,6 @@ TEST_CASE("cuda backend: pipelined decode steps give the values of steps launche
       const std::size_t adopted0 = piped.adopted_steps();
       for (int s = 0; s < 12; ++s) {
         CAPTURE(s);
-        std::vector<std::vector<std::int32_t>> next(2);
         std::vector<Chunk> chunks(2);
         for (int b = 0; b < 2; ++b) {
           const int n = static_cast<int>(fed[static_cast<std::size_t>(b)].size());
