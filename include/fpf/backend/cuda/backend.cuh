@@ -276,14 +276,16 @@ class Impl {
     // ids[r] where src[r] < 0, else word src[r] of the other slot's read-back (an argmax of the step before; only a
     // speculative step has such rows). Uploaded from the slot's page-locked memory by the step's first operation (run
     // below; a kernel in a decode step's graph, ops::copy_words); written just before the launch.
-    std::vector<std::int32_t> meta;
-    meta.reserve(5 * static_cast<std::size_t>(R) + Nc);
-    meta.insert(meta.end(), ids.begin(), ids.end());
-    meta.insert(meta.end(), row_seq.begin(), row_seq.end());
-    meta.insert(meta.end(), row_pos.begin(), row_pos.end());
-    meta.insert(meta.end(), cap_rows.begin(), cap_rows.end());
-    meta.insert(meta.end(), cap_of_row.begin(), cap_of_row.end());
-    meta.insert(meta.end(), static_cast<std::size_t>(R), -1);
+    // The rows' sequences and captures are this step's; ids, positions and src are given (a queued step's differ).
+    auto pack_meta = [&](std::span<const std::int32_t> id, std::span<const std::int32_t> pos, std::span<const std::int32_t> src) {
+      std::vector<std::int32_t> m;
+      m.reserve(5 * static_cast<std::size_t>(R) + Nc);
+      for (auto part : {id, std::span<const std::int32_t>(row_seq), pos, std::span<const std::int32_t>(cap_rows),
+                        std::span<const std::int32_t>(cap_of_row), src})
+        m.insert(m.end(), part.begin(), part.end());
+      return m;
+    };
+    const std::vector<std::int32_t> meta = pack_meta(ids, row_pos, std::vector<std::int32_t>(static_cast<std::size_t>(R), -1));
     const std::size_t n_meta = meta.size();
     for (Slot& sl : slot_) moved |= sl.meta.resize(n_meta), moved |= sl.meta_host.reserve(n_meta);
     // Set by run for the slot it runs in.
@@ -364,6 +366,11 @@ class Impl {
       ops::prefetch_l2<T>(w, kc, vc, d_seq, d_pos, R, kv_dim, side_);
       side_used = true;
     };
+    // The step's exchange with page-locked host memory: a kernel in a graph (ops::copy_words), else a copy.
+    auto host_copy = [&](const void* src, void* dst, std::size_t words, cudaMemcpyKind kind) {
+      if (as_graph) ops::copy_words(src, dst, words, st);
+      else FPF_CUDA(cudaMemcpyAsync(dst, src, words * sizeof(std::int32_t), kind, st));
+    };
     // Everything from the embedding to the top-k: in decode a fixed sequence of kernels (no host round trip).
     auto run = [&](int slot) {
     Slot& S = slot_[slot];
@@ -371,10 +378,7 @@ class Impl {
     d_src = d_cap_of_row + R;
     d_stage = S.out.get(), d_top_lp = d_stage + n_stage, d_top = reinterpret_cast<std::int32_t*>(d_top_lp + n_lp);
     side_used = false;
-    if (as_graph)
-      ops::copy_words(S.meta_host.get(), S.meta.get(), n_meta, st);
-    else
-      FPF_CUDA(cudaMemcpyAsync(S.meta.get(), S.meta_host.get(), n_meta * sizeof(std::int32_t), cudaMemcpyHostToDevice, st));
+    host_copy(S.meta_host.get(), S.meta.get(), n_meta, cudaMemcpyHostToDevice);
     ops::embed<T>(d_ids, d_src, reinterpret_cast<const std::int32_t*>(slot_[1 - slot].out.get()), R, embed_.get(), x_.get(),
                   H, static_cast<int>(V), st);
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
@@ -442,10 +446,7 @@ class Impl {
       FPF_CUDA(cudaStreamWaitEvent(st, join_ev_));
     }
     // The step's one read-back, into page-locked memory.
-    if (as_graph)
-      ops::copy_words(S.out.get(), S.out_host.get(), n_out, st);
-    else
-      FPF_CUDA(cudaMemcpyAsync(S.out_host.get(), S.out.get(), n_out * sizeof(float), cudaMemcpyDeviceToHost, st));
+    host_copy(S.out.get(), S.out_host.get(), n_out, cudaMemcpyDeviceToHost);
     timer_.mark("taps+head");
     };
 
@@ -498,16 +499,14 @@ class Impl {
       const auto it = graphs_by_key_.find(next);
       speculate = it != graphs_by_key_.end();
       if (speculate) {
-        std::int32_t* m = slot_[1 - si].meta_host.get();  // its last step (two back) has finished: its slot is free
-        const std::size_t arg0 = n_stage + n_lp + static_cast<std::size_t>(Nc) * spec.topk;  // this step's argmaxes
-        for (int r = 0; r < R; ++r) {
-          m[r] = 0;
-          m[R + r] = row_seq[static_cast<std::size_t>(r)];
-          m[2 * R + r] = row_pos[static_cast<std::size_t>(r)] + 1;
-          m[3 * R + r] = cap_rows[static_cast<std::size_t>(r)];
-          m[3 * R + Nc + r] = cap_of_row[static_cast<std::size_t>(r)];
-          m[4 * R + Nc + r] = static_cast<std::int32_t>(arg0 + static_cast<std::size_t>(cap_of_row[static_cast<std::size_t>(r)]));
-        }
+        // Its rows: the same sequences and captures, one position on, each token word arg0 + capture of this step's
+        // read-back (its argmax). Its slot's last step (two back) has finished: the slot is free.
+        const std::size_t arg0 = n_stage + n_lp + static_cast<std::size_t>(Nc) * spec.topk;
+        std::vector<std::int32_t> pos(row_pos), src(cap_of_row);
+        for (std::int32_t& p : pos) ++p;
+        for (std::int32_t& w : src) w += static_cast<std::int32_t>(arg0);
+        const std::vector<std::int32_t> next_meta = pack_meta(std::vector<std::int32_t>(static_cast<std::size_t>(R), 0), pos, src);
+        std::copy(next_meta.begin(), next_meta.end(), slot_[1 - si].meta_host.get());
         FPF_CUDA(cudaGraphLaunch(it->second.exec, stream_));
         FPF_CUDA(cudaEventRecord(slot_[1 - si].done, stream_));
         pending_.on = true;
