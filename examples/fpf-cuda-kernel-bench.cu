@@ -409,6 +409,7 @@ int main(int argc, char** argv) {
                                        "down+combine", "router gemv alone", "router top-k alone", "taps"};
     cuda::DeviceBuffer<float> tap_stage(static_cast<std::size_t>(H + kv_dim));
     bool fused = true;  // gate_up + SwiGLU and down + combine in one kernel each, as the backend
+    bool routed = false;  // the backend's decode MoE: add + norm + router in one launch (add_rmsnorm_router)
     auto one_layer = [&](cudaStream_t st) {
       const int l = layer++ % kLayers;
       const float eps = 1e-6f;
@@ -447,6 +448,16 @@ int main(int argc, char** argv) {
       prefetch_after(3);
       if (on(4)) wo[l].gemv<T>(att.get(), 1, q_dim, ob.get(), H, st);
       prefetch_after(4);
+      const std::int32_t* ids_l = lids.get() + static_cast<std::size_t>(l) * k;
+      if (routed) {  // stages 5 (now with the router), 7 and 8; no stage 6
+        if (on(5))
+          cuda::ops::add_rmsnorm_router<T>(xr.get(), ob.get(), nw.get(), hn.get(), 1, H, eps, router_w.get(), E, rl.get(), k, true,
+                                           rids.get(), rw.get(), st);
+        if (on(7)) wgu.moe_gemv_swiglu<T>(hn.get(), H, k, ids_l, k, actb.get(), I, st);
+        prefetch_after(7);
+        if (on(8)) wdn.moe_gemv_combine<T>(actb.get(), I, ids_l, rw.get(), 1, k, xr.get(), H, st);
+        return;
+      }
       if (on(5)) cuda::ops::add_rmsnorm<T>(xr.get(), ob.get(), nw.get(), hn.get(), 1, H, eps, st);
       prefetch_after(5);
       if (on(6))
@@ -454,7 +465,6 @@ int main(int argc, char** argv) {
       prefetch_after(6);
       if (on(9)) cuda::ops::gemv<T>(hn.get(), 1, router_w.get(), E, H, rl.get(), st);
       if (on(10)) cuda::ops::router<T>(rl.get(), 1, E, k, true, rids.get(), rw.get(), st);
-      const std::int32_t* ids_l = lids.get() + static_cast<std::size_t>(l) * k;
       if (fused) {
         if (on(7)) wgu.moe_gemv_swiglu<T>(hn.get(), H, k, ids_l, k, actb.get(), I, st);
         prefetch_after(7);
@@ -470,6 +480,12 @@ int main(int argc, char** argv) {
     fused = false;
     const double t_apart = time_us(one_layer, 4 * kLayers);
     fused = true;
+    routed = true;
+    const double t_routed = time_us(one_layer, 4 * kLayers), t_again = time_us(one_layer, 4 * kLayers);
+    routed = false;
+    std::printf("add + norm + router in one cluster launch (add_rmsnorm_router; the backend's): %.1f, %.1f us per "
+                "layer; with the router launch: %.1f, %.1f us\n",
+                t_routed, t_again, t_layer, time_us(one_layer, 4 * kLayers));
     const double layer_bytes = static_cast<double>(wq[0].bytes_per_matrix() + wo[0].bytes_per_matrix() +
                                                    k * (wgu.bytes_per_matrix() + wdn.bytes_per_matrix())) +
                                static_cast<double>(E) * H * sizeof(T) + kv_bytes;
@@ -499,6 +515,10 @@ int main(int argc, char** argv) {
     std::printf(" us; with the taps: %.1f us\n", time_us(one_layer, 4 * kLayers));
     stages = kLayerStages;
     trace_gaps(one_layer, 4 * kLayers);
+    routed = true;  // the same with add_rmsnorm_router
+    std::printf("  add_rmsnorm_router:");
+    trace_gaps(one_layer, 4 * kLayers);
+    routed = false;
   }
   if (!layer_only)
     std::printf("products per layer: bf16 %.1f us, affine-4bit %.1f us, nf4 %.1f us; x 48 layers: %.2f / %.2f / %.2f ms\n",

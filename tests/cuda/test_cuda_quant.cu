@@ -169,6 +169,71 @@ void all_kinds() {
   }
 }
 
+// The decode MoE's add + norm + router in one cluster launch (backend.cuh moe's `fused`): add_rmsnorm_router, then
+// the 4-bit gate_up + SwiGLU and down + combine on its ids, against add_rmsnorm, router_gemv and the same products:
+// the residual after the add, normalised rows, logits, ids, weights, activations and the layer's output bit for bit,
+// for 1, 2 and 8 tokens, with and without the renormalisation, narrow and wide down blocks, clusters of 8, 16 and 15
+// blocks (past 8: the non-portable cluster sizes).
+template <class T>
+void check_fused_router(int E, int k, int H, int I, std::uint32_t seed) {
+  CAPTURE(E);
+  CAPTURE(k);
+  const Kind affine{"affine", quant::Packed4::Code::Affine, DType::F32, false};
+  std::vector<quant::Packed4> gu, dn;
+  for (int e = 0; e < E; ++e) {
+    gu.push_back(random_packed(affine, 2 * I, H, 128, seed + 2 * static_cast<std::uint32_t>(e)));
+    dn.push_back(random_packed(affine, H, I, 128, seed + 2 * static_cast<std::uint32_t>(e) + 1));
+  }
+  cuda::q::Weight wgu, wdn;
+  cuda::PinnedUploader up;
+  wgu.upload(gu, up);
+  wdn.upload(dn, up);
+  const auto nw = to_device(randn(static_cast<std::size_t>(H), seed + 500, 0.5f));
+  std::vector<float> rwf = randn(static_cast<std::size_t>(E) * H, seed + 501, 0.1f);
+  const auto rw = to_device(round_to<T>(rwf));
+  cuda::DeviceBuffer<unsigned> counter(1);
+  FPF_CUDA(cudaMemset(counter.get(), 0, sizeof(unsigned)));
+  for (int M : {1, 2, 8})
+    for (int norm : {1, 0}) {
+      CAPTURE(M);
+      CAPTURE(norm);
+      const std::size_t rows = static_cast<std::size_t>(M) * H, P = static_cast<std::size_t>(M) * k;
+      std::vector<float> xf = randn(rows, seed + 600 + static_cast<std::uint32_t>(M)),
+                         of = randn(rows, seed + 700 + static_cast<std::uint32_t>(M));
+      const std::vector<T> x = round_to<T>(xf), o = round_to<T>(of);
+      auto xa = to_device(x), xb = to_device(x);
+      const auto od = to_device(o);
+      cuda::DeviceBuffer<T> ha(rows), hb(rows), la(static_cast<std::size_t>(M) * E), lb(static_cast<std::size_t>(M) * E),
+          aa(P * I), ab(P * I);
+      cuda::DeviceBuffer<std::int32_t> ia(P), ib(P);
+      cuda::DeviceBuffer<float> wa(P), wb(P);
+      // apart: add + norm, the router, the products on its ids
+      cuda::ops::add_rmsnorm<T>(xa.get(), od.get(), nw.get(), ha.get(), M, H, 1e-6f);
+      cuda::ops::router_gemv<T>(ha.get(), M, rw.get(), E, H, la.get(), k, norm != 0, ia.get(), wa.get(), counter.get());
+      FPF_CUDA(cudaDeviceSynchronize());
+      const std::vector<float> x_plus_o = to_host(xa, rows);
+      REQUIRE(wgu.moe_gemv_swiglu<T>(ha.get(), H, k, ia.get(), static_cast<int>(P), aa.get(), I));
+      REQUIRE(wdn.moe_gemv_combine<T>(aa.get(), I, ia.get(), wa.get(), M, k, xa.get(), H));
+      // add + norm + router in one launch
+      REQUIRE(cuda::ops::add_rmsnorm_router_fits<T>(xb.get(), od.get(), rw.get(), M, E, H, k));
+      cuda::ops::add_rmsnorm_router<T>(xb.get(), od.get(), nw.get(), hb.get(), M, H, 1e-6f, rw.get(), E, lb.get(), k, norm != 0,
+                                       ib.get(), wb.get());
+      FPF_CUDA(cudaDeviceSynchronize());
+      CHECK(fpf::testing::bit_differences(to_host(xb, rows), x_plus_o) == 0);
+      REQUIRE(wgu.moe_gemv_swiglu<T>(hb.get(), H, k, ib.get(), static_cast<int>(P), ab.get(), I));
+      REQUIRE(wdn.moe_gemv_combine<T>(ab.get(), I, ib.get(), wb.get(), M, k, xb.get(), H));
+      FPF_CUDA(cudaDeviceSynchronize());
+      CHECK(fpf::testing::bit_differences(to_host(hb, rows), to_host(ha, rows)) == 0);
+      CHECK(fpf::testing::bit_differences(to_host(lb, la.size()), to_host(la, la.size())) == 0);
+      CHECK(ib.download(P) == ia.download(P));
+      CHECK(fpf::testing::bit_differences(wb.download(P), wa.download(P)) == 0);
+      CHECK(fpf::testing::bit_differences(to_host(ab, aa.size()), to_host(aa, aa.size())) == 0);
+      const std::vector<float> got = to_host(xb, rows), want = to_host(xa, rows);
+      CHECK(fpf::testing::bit_differences(got, want) == 0);
+      CHECK(fpf::testing::bit_differences(got, xf) > rows / 2);  // the residual moved: not a vacuous comparison
+    }
+}
+
 using fpf::testing::bit_identical;
 
 // Max rel L2 of every tapped signal; tokens must agree.
@@ -221,6 +286,13 @@ void quant_fixture(const std::string& name) {
 TEST_CASE("cuda quant ops fp32 match the CPU dequantization within 1e-5") { all_kinds<float>(); }
 TEST_CASE("cuda quant ops bf16 match within the bf16 unit roundoff") { all_kinds<cuda::bf16>(); }
 TEST_CASE("cuda quant ops fp16 match within the fp16 unit roundoff") { all_kinds<cuda::fp16>(); }
+
+TEST_CASE("cuda decode MoE add + norm + router in one launch: the bits of add_rmsnorm, router_gemv and the products") {
+  check_fused_router<cuda::bf16>(64, 8, 256, 256, 9001);   // down: narrow blocks at 1 and 2 tokens, wide at 8
+  check_fused_router<cuda::bf16>(128, 8, 2048, 128, 9101);  // the real E, k and hidden size
+  check_fused_router<cuda::fp16>(117, 4, 384, 128, 9201);   // 15 blocks, the last one's warps partly past E
+  check_fused_router<float>(64, 8, 256, 128, 9301);         // fp32 (parity mode; the products on k_qgemv32)
+}
 
 TEST_CASE("cuda quant engine: every quantized fixture matches HF and the CPU; reps bit-identical") {
   quant_fixture<quant::Awq<4>, attn::Eager>("awq_moe_sparse_step");

@@ -423,7 +423,9 @@ class Impl {
       timer_.mark("attention");
       L.o.apply(gemm_, att_.get(), R, tmp_.get(), wscratch_.get(), st);
       prefetch_next(l + 1, true);
-      ops::add_rmsnorm<T>(x_.get(), tmp_.get(), L.post_norm.get(), h_.get(), R, H, eps, st);
+      // Decode MoE: moe() adds, normalises and routes in one launch where it can (fused_router).
+      const bool fused = decode && L.moe && fused_router(L, R);
+      if (!fused) ops::add_rmsnorm<T>(x_.get(), tmp_.get(), L.post_norm.get(), h_.get(), R, H, eps, st);
       timer_.mark("o+norm");
       if (!L.moe) {
         L.gate_up.apply(gemm_, h_.get(), R, gu_.get(), wscratch_.get(), st);
@@ -432,7 +434,7 @@ class Impl {
         L.down.apply(gemm_, act_.get(), R, tmp_.get(), wscratch_.get(), st);
         ops::add<T>(x_.get(), tmp_.get(), static_cast<std::size_t>(R) * H, st);
       } else {
-        moe(L, R, st, [&] { prefetch_next(l + 1, false); });
+        moe(L, R, st, [&] { prefetch_next(l + 1, false); }, fused);
       }
       timer_.mark("mlp/moe");
     }
@@ -607,13 +609,29 @@ class Impl {
     return moved;
   }
 
+  // Whether a decode step's MoE layer adds, normalises and routes in one launch (moe's `fused`; FPF_FUSED_ROUTER=0:
+  // never): one row and a dense router that ops::add_rmsnorm_router takes (sm_90). One row only: each of the kernel's
+  // blocks normalises the rows one after the other, and at two rows the step was slower than with the two launches
+  // (H100, real shape: 3.42 against 3.29 ms/token; one row: 2.20 against 2.27).
+  bool fused_router(const LayerW<T>& L, int R) const {
+    const int H = cfg_.hidden_size, E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
+    return fused_router_ && R == 1 && !L.router.quantized() &&
+           ops::add_rmsnorm_router_fits<T>(x_.get(), tmp_.get(), L.router.dense_matrix(0), R, E, H, k);
+  }
+
   // The MoE block: x_ += experts(h_). after_gate_up: called once the decode path's gate_up product is launched.
+  // fused (fused_router): x_ += o (tmp_) and h_ = post_norm(x_) are still to do: one launch adds, normalises and
+  // routes (ops::add_rmsnorm_router: the values of add_rmsnorm and router_gemv, one launch fewer; docs/cuda.md,
+  // session 13).
   template <class AfterGateUp>
-  void moe(LayerW<T>& L, int R, cudaStream_t st, AfterGateUp&& after_gate_up) {
+  void moe(LayerW<T>& L, int R, cudaStream_t st, AfterGateUp&& after_gate_up, bool fused = false) {
     const int H = cfg_.hidden_size, E = cfg_.num_experts, k = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size;
     const int P = R * k;
     std::int32_t* d_ids = route_ids_.get();
-    if (!L.router.quantized() && ops::router_gemv_fits<T>(h_.get(), L.router.dense_matrix(0), R, E, H, k)) {
+    if (fused) {
+      ops::add_rmsnorm_router<T>(x_.get(), tmp_.get(), L.post_norm.get(), h_.get(), R, H, static_cast<float>(cfg_.rms_norm_eps),
+                                 L.router.dense_matrix(0), E, rlogits_.get(), k, cfg_.norm_topk_prob, d_ids, route_wts_.get(), st);
+    } else if (!L.router.quantized() && ops::router_gemv_fits<T>(h_.get(), L.router.dense_matrix(0), R, E, H, k)) {
       ops::router_gemv<T>(h_.get(), R, L.router.dense_matrix(0), E, H, rlogits_.get(), k, cfg_.norm_topk_prob, d_ids,
                           route_wts_.get(), router_count_.get(), st);
     } else {
@@ -909,6 +927,8 @@ class Impl {
                    !step_clock_.on;
   cudaStream_t stream_ = make_stream();
   // The decode step's L2 prefetch (sm_90; FPF_L2_PREFETCH=0 turns it off): a side stream and its fork / join events.
+  // Decode MoE layers add, normalise and route in one launch where they can (fused_router; FPF_FUSED_ROUTER=0: never).
+  bool fused_router_ = std::getenv("FPF_FUSED_ROUTER") == nullptr || std::string(std::getenv("FPF_FUSED_ROUTER")) != "0";
   bool l2_prefetch_ = ops::prefetch_l2_available() &&
                       (std::getenv("FPF_L2_PREFETCH") == nullptr || std::string(std::getenv("FPF_L2_PREFETCH")) != "0");
   cudaStream_t side_ = make_stream(cudaStreamNonBlocking);

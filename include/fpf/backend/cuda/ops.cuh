@@ -163,17 +163,13 @@ void rmsnorm(const T* x, const std::int32_t* rows, const float* w, T* y, int nro
   launch("rmsnorm", k_rmsnorm<T>, nrows, 256, 0, s, x, rows, w, y, n, eps, tap);
 }
 
-// The residual add and the next RMSNorm in one kernel (one block per row): x += y (rounded to T, as add), then
-// y_norm = rmsnorm(x) exactly as k_rmsnorm computes it. Same values as add() then rmsnorm(), one launch fewer.
+// The residual add and the next RMSNorm of one row over one block: x + y (rounded to T, as add), written back to xw
+// when xw is not null, then out = rmsnorm(x + y) exactly as k_rmsnorm computes it. wv: norm_weights(w). xw null
+// needs n <= kRowPer * blockDim (the tail past that would read the sum back from xw).
 template <class T>
-__global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const float* __restrict__ w, T* __restrict__ out,
-                              int n, float eps) {
-  float wv[kRowPer];
-  norm_weights(w, n, wv);
-  pdl_begin();
-  __shared__ double scratch[32];
-  T* xr = x + static_cast<std::size_t>(blockIdx.x) * n;
-  const T* yr = y + static_cast<std::size_t>(blockIdx.x) * n;
+__device__ __forceinline__ void add_rmsnorm_row(const T* xr, const T* __restrict__ yr, T* xw, const float* __restrict__ w,
+                                                const float (&wv)[kRowPer], T* __restrict__ out, int n, float eps,
+                                                double* scratch) {
   float v[kRowPer];
 #pragma unroll
   for (int u = 0; u < kRowPer; ++u) {
@@ -184,16 +180,30 @@ __global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const 
 #pragma unroll
   for (int u = 0; u < kRowPer; ++u) {
     const int i = threadIdx.x + u * blockDim.x;
-    if (i < n) xr[i] = from_f<T>(v[u]);  // exact: v[u] is a T value
+    if (xw != nullptr && i < n) xw[i] = from_f<T>(v[u]);  // exact: v[u] is a T value
     ss += static_cast<double>(v[u]) * v[u];
   }
   for (int i = threadIdx.x + kRowPer * blockDim.x; i < n; i += blockDim.x) {
     const T t = from_f<T>(to_f(xr[i]) + to_f(yr[i]));
-    xr[i] = t;
+    xw[i] = t;
     const double d = to_f(t);
     ss += d * d;
   }
-  rmsnorm_finish(v, wv, xr, w, out + static_cast<std::size_t>(blockIdx.x) * n, n, block_sum(ss, scratch), eps);
+  rmsnorm_finish(v, wv, xw, w, out, n, block_sum(ss, scratch), eps);
+}
+
+// The residual add and the next RMSNorm in one kernel (one block per row): x += y (rounded to T, as add), then
+// y_norm = rmsnorm(x) exactly as k_rmsnorm computes it. Same values as add() then rmsnorm(), one launch fewer.
+template <class T>
+__global__ void k_add_rmsnorm(T* __restrict__ x, const T* __restrict__ y, const float* __restrict__ w, T* __restrict__ out,
+                              int n, float eps) {
+  float wv[kRowPer];
+  norm_weights(w, n, wv);
+  pdl_begin();
+  __shared__ double scratch[32];
+  T* xr = x + static_cast<std::size_t>(blockIdx.x) * n;
+  add_rmsnorm_row(xr, y + static_cast<std::size_t>(blockIdx.x) * n, xr, w, wv, out + static_cast<std::size_t>(blockIdx.x) * n, n,
+                  eps, scratch);
 }
 template <class T>
 void add_rmsnorm(T* x, const T* y, const float* w, T* out, int nrows, int n, float eps, cudaStream_t s = 0) {
@@ -916,6 +926,129 @@ void router_gemv(const T* X, int M, const T* W, int E, int K, T* logits, int k, 
   router_rows(M, [&](auto m) {
     launch("router_gemv", k_router_gemv<T, decltype(m)::value>, blocks, 32 * kRouterWarps, smem, s, X, W, E, K, logits, k, nm,
            ids, wts, counter);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decode MoE (sm_90): the residual add, the post-attention RMSNorm and the router in one launch, a thread-block
+// cluster of ceil(E / 8) <= 16 blocks (docs/cuda.md, session 13). Same values as add_rmsnorm then router_gemv, one
+// launch fewer: the router no longer waits for the norm's launch to end and reads h back from L2.
+//   - Every block adds and normalises the M rows itself (add_rmsnorm_row: k_add_rmsnorm's bits) into its shared
+//     memory; block 0 writes them to out (the experts' input).
+//   - Warp w of block b computes expert 8 b + w's logits as k_router_cluster's warps do (dot_rows' sums; the weights
+//     loaded before pdl_wait) from the rows in shared memory, rounded to T, into logits and block 0's shared memory;
+//     after the cluster barrier warp 0 of block 0 routes them (route_row_warp) into ids and wts, as k_router_cluster.
+//   - x + y is written into x after the cluster barrier, when every block has read x: by every block's warps past
+//     the first, a 16-byte piece per thread (off the chain: block 0's warp 0 is routing meanwhile).
+// ---------------------------------------------------------------------------------------------------------------
+inline constexpr int kNormRouterWarps = 8, kNormRouterMaxBlocks = 16;
+template <class T, int M>
+__global__ void __launch_bounds__(32 * kNormRouterWarps)
+    k_add_rmsnorm_router(T* x, const T* __restrict__ y, const float* __restrict__ w, T* __restrict__ out,
+                         const T* __restrict__ W, int E, int n, float eps, T* __restrict__ logits, int k, int norm,
+                         std::int32_t* __restrict__ ids, float* __restrict__ wts) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ uint4 hs_raw[];  // [M][n] T: the normalised rows; then (block 0's) [M][E] fp32: the logits
+  T* const hs = reinterpret_cast<T*>(hs_raw);
+  float* const lg = reinterpret_cast<float*>(hs + static_cast<std::size_t>(M) * n);
+  __shared__ double scratch[32];
+  constexpr int V = Vec<T>::n, U = 8;  // dot_rows' batch: a lane's first U weight loads before the wait
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, e = blockIdx.x * kNormRouterWarps + warp, chunks = n / V;
+  const Vec<T>* const wr = reinterpret_cast<const Vec<T>*>(W + static_cast<std::size_t>(e < E ? e : 0) * n);
+  Vec<T> wb[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (e < E && lane + 32 * u < chunks) wb[u] = wr[lane + 32 * u];
+  float nw[kRowPer];
+  norm_weights(w, n, nw);
+  const std::uint32_t lg0 = cluster_map(lg, 0);  // block 0's logits
+  pdl_begin();
+  for (int m = 0; m < M; ++m) {
+    const std::size_t o = static_cast<std::size_t>(m) * n;
+    add_rmsnorm_row<T>(x + o, y + o, nullptr, w, nw, hs + o, n, eps, scratch);
+  }
+  __syncthreads();
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i < M * chunks; i += blockDim.x) reinterpret_cast<Vec<T>*>(out)[i] = reinterpret_cast<const Vec<T>*>(hs)[i];
+  if (e < E) {
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+      if (c0 != lane)
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (c0 + 32 * u < chunks) wb[u] = wr[c0 + 32 * u];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + 32 * u;
+        if (c >= chunks) break;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const Vec<T> xv = reinterpret_cast<const Vec<T>*>(hs + static_cast<std::size_t>(m) * n)[c];
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[m] += to_f(wb[u].v[i]) * to_f(xv.v[i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+    if (lane == 0)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const T v = from_f<T>(acc[m]);
+        logits[static_cast<std::size_t>(m) * E + e] = v;
+        cluster_store(lg0 + 4u * static_cast<std::uint32_t>(m * E + e), to_f(v));
+      }
+  }
+  cluster_sync();
+  if (warp != 0) {  // x += y, as k_add_rmsnorm writes it (the same T sums)
+    const int per = blockDim.x - 32;
+    for (int i = blockIdx.x * per + threadIdx.x - 32; i < M * chunks; i += gridDim.x * per) {
+      Vec<T> a = reinterpret_cast<const Vec<T>*>(x)[i];
+      const Vec<T> b = reinterpret_cast<const Vec<T>*>(y)[i];
+#pragma unroll
+      for (int j = 0; j < V; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(b.v[j]));
+      reinterpret_cast<Vec<T>*>(x)[i] = a;
+    }
+    return;
+  }
+  if (cluster_rank() != 0) return;
+  for (int m = 0; m < M; ++m) {
+    const float* l = lg + m * E;
+    route_row_warp([&](int j) { return l[j]; }, E, k, norm, ids + m * k, wts + m * k);
+  }
+#endif
+}
+// Whether add_rmsnorm_router applies: sm_90 (clusters), M <= 8 rows of n <= 8 * 256 (one pass of add_rmsnorm_row),
+// 16-byte rows (x, y, W), E <= 128 (route_row_warp's and 16 blocks' of 8 warps), k <= 32, the rows in 48 KB of
+// shared memory.
+template <class T>
+bool add_rmsnorm_router_fits(const T* x, const T* y, const T* W, int M, int E, int n, int k) {
+  const auto a16 = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  return device_info().major == 9 && a16(x) && a16(y) && M >= 1 && M <= kGemvMaxRows && E >= 1 && E <= kRouteWarpMaxE &&
+         E <= kNormRouterWarps * kNormRouterMaxBlocks && k >= 1 && k <= 32 && k <= E && n % Vec<T>::n == 0 &&
+         n <= kRowPer * 32 * kNormRouterWarps && reinterpret_cast<std::uintptr_t>(W) % 16 == 0 &&
+         static_cast<std::size_t>(M) * (n * sizeof(T) + E * sizeof(float)) <= 48 * 1024;
+}
+// x += y, out = rmsnorm(x), logits = out W^T (rounded to T; W [E, n]), and their routing into ids and wts (k per
+// row, ascending id, renormalised when norm), for M rows of n: add_rmsnorm then router_gemv, one launch.
+template <class T>
+void add_rmsnorm_router(T* x, const T* y, const float* w, T* out, int M, int n, float eps, const T* W, int E, T* logits,
+                        int k, bool norm, std::int32_t* ids, float* wts, cudaStream_t s = 0) {
+  const unsigned blocks = blocks_for(static_cast<std::size_t>(E), kNormRouterWarps);
+  const std::size_t smem = static_cast<std::size_t>(M) * (n * sizeof(T) + E * sizeof(float));
+  router_rows(M, [&](auto m) {
+    auto* kern = k_add_rmsnorm_router<T, decltype(m)::value>;
+    if (blocks > 8) {  // past the portable cluster size (8): opt in, once per kernel
+      static const bool opted = [&] {
+        FPF_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+        return true;
+      }();
+      (void)opted;
+    }
+    launch_ex("add_rmsnorm_router", kern, blocks, blocks, 32 * kNormRouterWarps, smem, s, x, y, w, out, W, E, n, eps, logits, k,
+              norm ? 1 : 0, ids, wts);
   });
 }
 
