@@ -220,6 +220,7 @@ int main(int argc, char** argv) {
     std::printf("HBM copy bandwidth %.0f GB/s (read + write, 2 GiB device-to-device, median of 10); %s decode bytes/token at "
                 "batch 1 %.3f GB -> roofline %.3f ms/token\n",
                 bw, scheme.c_str(), bytes / 1e9, bytes / 1e9 / bw * 1e3);
+    const double roofline_ms = bytes / 1e9 / bw * 1e3;
     std::FILE* js = json_out.empty() ? nullptr : std::fopen(json_out.c_str(), "w");
     bool all_ok = true;
     for (const std::string attention : {std::string("eager"), std::string("flash")}) {
@@ -269,13 +270,14 @@ int main(int argc, char** argv) {
             }
           }
           if (B == 1) bs1_tokens = runs[0].tokens[0];
-          std::printf("%s %s bs%d: %d reps %s (seq0 hash %016llx); prefill %.1f ms (%d tokens/seq), decode %.2f ms/token "
-                      "[prefill reps:",
+          std::printf("%s %s bs%d: %d reps %s (seq0 hash %016llx); prefill %.1f ms (%d tokens/seq), decode %.3f ms/token",
                       scheme.c_str(), attention.c_str(), B, reps, same ? "bit-identical" : "DIFFER", static_cast<unsigned long long>(runs[0].hash[0]),
                       median(pre), prompt_tokens, median(dec));
+          if (B == 1) std::printf(" (%.1f%% of the roofline)", 100.0 * roofline_ms / median(dec));
+          std::printf(" [prefill reps:");
           for (double p : pre) std::printf(" %.1f", p);
           std::printf("; decode reps:");
-          for (double d : dec) std::printf(" %.2f", d);
+          for (double d : dec) std::printf(" %.3f", d);
           std::printf("]\n  tokens seq0:");
           for (auto t : runs[0].tokens[0]) std::printf(" %d", t);
           std::printf("\n");
