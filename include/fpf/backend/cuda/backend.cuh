@@ -926,9 +926,9 @@ class Impl {
   bool pipeline_ = (std::getenv("FPF_CUDA_PIPELINE") == nullptr || std::string(std::getenv("FPF_CUDA_PIPELINE")) != "0") &&
                    !step_clock_.on;
   cudaStream_t stream_ = make_stream();
-  // The decode step's L2 prefetch (sm_90; FPF_L2_PREFETCH=0 turns it off): a side stream and its fork / join events.
   // Decode MoE layers add, normalise and route in one launch where they can (fused_router; FPF_FUSED_ROUTER=0: never).
   bool fused_router_ = std::getenv("FPF_FUSED_ROUTER") == nullptr || std::string(std::getenv("FPF_FUSED_ROUTER")) != "0";
+  // The decode step's L2 prefetch (sm_90; FPF_L2_PREFETCH=0 turns it off): a side stream and its fork / join events.
   bool l2_prefetch_ = ops::prefetch_l2_available() &&
                       (std::getenv("FPF_L2_PREFETCH") == nullptr || std::string(std::getenv("FPF_L2_PREFETCH")) != "0");
   cudaStream_t side_ = make_stream(cudaStreamNonBlocking);
