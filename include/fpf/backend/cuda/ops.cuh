@@ -690,6 +690,24 @@ struct alignas(16) Vec {
   T v[n];
 };
 
+// dot_rows' sums over one batch of a lane's chunks: acc[m] += w_c . x_m (chunk c) for c = c0 + 32 u, u < U, in
+// that order (also add_rmsnorm_router's router logits, so that both give the same bits).
+template <class T, int M, int U>
+__device__ __forceinline__ void dot_batch(const Vec<T> (&wv)[U], const T* __restrict__ x, std::size_t x_stride, int c0,
+                                          int chunks, float (&acc)[M]) {
+  constexpr int V = Vec<T>::n;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + 32 * u;
+    if (c >= chunks) break;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const Vec<T> xv = reinterpret_cast<const Vec<T>*>(x + m * x_stride)[c];
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[m] += to_f(wv[u].v[i]) * to_f(xv.v[i]);
+    }
+  }
+}
 // Wait: pdl_wait, called after the lane's first weight loads are issued (weights are written by no kernel, x may be),
 // so they overlap the earlier kernel's tail. A lane with no chunk of the row does not wait here: the caller waits
 // after (again, for the others: it then returns at once).
@@ -711,17 +729,7 @@ __device__ __forceinline__ void dot_rows(const T* __restrict__ w, const T* __res
         if (c0 + 32 * u < chunks) wv[u] = reinterpret_cast<const Vec<T>*>(w)[c0 + 32 * u];
       if constexpr (Wait)
         if (c0 == lane) pdl_wait();
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = c0 + 32 * u;
-        if (c >= chunks) break;
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const Vec<T> xv = reinterpret_cast<const Vec<T>*>(x + m * x_stride)[c];
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc[m] += to_f(wv[u].v[i]) * to_f(xv.v[i]);
-        }
-      }
+      dot_batch<T, M, U>(wv, x, x_stride, c0, chunks, acc);
     }
   } else {
     if constexpr (Wait) pdl_wait();
@@ -979,17 +987,7 @@ __global__ void __launch_bounds__(32 * kNormRouterWarps)
 #pragma unroll
         for (int u = 0; u < U; ++u)
           if (c0 + 32 * u < chunks) wb[u] = wr[c0 + 32 * u];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = c0 + 32 * u;
-        if (c >= chunks) break;
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const Vec<T> xv = reinterpret_cast<const Vec<T>*>(hs + static_cast<std::size_t>(m) * n)[c];
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc[m] += to_f(wb[u].v[i]) * to_f(xv.v[i]);
-        }
-      }
+      dot_batch<T, M, U>(wb, hs, static_cast<std::size_t>(n), c0, chunks, acc);
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
