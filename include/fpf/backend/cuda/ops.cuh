@@ -847,6 +847,18 @@ __global__ void __launch_bounds__(32 * kRouterWarps) k_router_gemv(const T* __re
   }
   if (threadIdx.x == 0) *counter = 0u;
 }
+// Expert e's logits of the M rows, rounded to T: into logits [M, E] and, widened, into the cluster block's shared
+// memory at lg ([M, E] fp32, a shared::cluster address), where that block routes them (k_router_cluster,
+// k_add_rmsnorm_router).
+template <class T, int M>
+__device__ __forceinline__ void put_logits(const float (&acc)[M], T* __restrict__ logits, std::uint32_t lg, int E, int e) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const T v = from_f<T>(acc[m]);
+    logits[static_cast<std::size_t>(m) * E + e] = v;
+    cluster_store(lg + 4u * static_cast<std::uint32_t>(m * E + e), to_f(v));
+  }
+}
 // sm_90: the decode router as one thread-block cluster of at most kRouterClusterMax blocks. Each block computes
 // the logits of blockDim / 32 experts (k_router_gemv's warps and values), writes them to `logits` and, widened, into
 // block 0's shared memory (Hopper's distributed shared memory); the cluster barrier (release, then acquire) makes
@@ -867,13 +879,7 @@ __global__ void __launch_bounds__(32 * kRouterClusterWarps)
     float acc[M];
     dot_rows<T, M, true, true>(W + static_cast<std::size_t>(n) * K, X, K, K, acc);
     pdl_begin();
-    if (lane == 0)
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const T v = from_f<T>(acc[m]);
-        logits[static_cast<std::size_t>(m) * E + n] = v;
-        cluster_store(lg + 4u * static_cast<std::uint32_t>(m * E + n), to_f(v));
-      }
+    if (lane == 0) put_logits<T, M>(acc, logits, lg, E, n);
   } else {
     pdl_begin();
   }
@@ -991,13 +997,7 @@ __global__ void __launch_bounds__(32 * kNormRouterWarps)
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-    if (lane == 0)
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const T v = from_f<T>(acc[m]);
-        logits[static_cast<std::size_t>(m) * E + e] = v;
-        cluster_store(lg0 + 4u * static_cast<std::uint32_t>(m * E + e), to_f(v));
-      }
+    if (lane == 0) put_logits<T, M>(acc, logits, lg0, E, e);
   }
   cluster_sync();
   if (warp != 0) {  // x += y, as k_add_rmsnorm writes it (the same T sums)
